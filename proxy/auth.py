@@ -1,0 +1,62 @@
+"""Who is calling: the proxy key from `x-api-key` or `Authorization: Bearer`, matched to a tenant.
+
+Only sha256 digests of proxy keys are held. A presented key is hashed and the digest looked up, so
+the secret itself is never compared: lookup timing can at most tell an attacker something about
+the digest of a key they chose, which gives nothing towards a configured key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from starlette.datastructures import Headers
+
+from proxy.config import Tenant
+from proxy.errors import AuthenticationError
+
+CREDENTIAL_HEADERS = ("x-api-key", "authorization")
+_MAX_KEY_LENGTH = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated request's tenant, and the header forms its key came in (kept upstream)."""
+
+    tenant: Tenant
+    key_headers: frozenset[str]
+
+
+class Authenticator:
+    def __init__(self, tenants: Iterable[Tenant]) -> None:
+        self._tenants_by_hash = {key_hash: t for t in tenants for key_hash in t.client_key_hashes}
+
+    def authenticate(self, headers: Headers) -> Caller:
+        """The caller for these headers; AuthenticationError when missing, malformed or unknown."""
+        presented: set[str] = set()
+        forms: set[str] = set()
+        for value in headers.getlist("x-api-key"):
+            presented.add(value.strip())
+            forms.add("x-api-key")
+        for value in headers.getlist("authorization"):
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() != "bearer":
+                raise AuthenticationError(
+                    "Authorization must use the Bearer scheme: `Authorization: Bearer <key>`."
+                )
+            presented.add(token.strip())
+            forms.add("authorization")
+        if not presented:
+            raise AuthenticationError(
+                "Missing API key: send `x-api-key: <key>` or `Authorization: Bearer <key>`."
+            )
+        if len(presented) > 1:
+            raise AuthenticationError("Two different API keys were sent; send exactly one.")
+        key = presented.pop()
+        if not key or len(key) > _MAX_KEY_LENGTH or not key.isascii() or not key.isprintable() or " " in key:
+            raise AuthenticationError("Malformed API key.")
+        tenant = self._tenants_by_hash.get(hashlib.sha256(key.encode()).hexdigest())
+        if tenant is None:
+            raise AuthenticationError("Invalid API key for this proxy.")
+        return Caller(tenant=tenant, key_headers=frozenset(forms))

@@ -1,0 +1,169 @@
+"""The `files-proxy` command: serve, check-config, hash-key, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import uvicorn
+from pydantic import HttpUrl
+from starlette.types import ASGIApp
+
+from proxy.app import create_app
+from proxy.config import ConfigError, Settings, Tenant, UpstreamConfig, hash_key, load_settings
+from proxy.simulator import Simulator
+
+_DEMO_SNIPPET = """\
+    import anthropic
+    client = anthropic.Anthropic(base_url="{url}", api_key="{key}")
+    print([f.filename for f in client.files.list()])"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.command(args))
+    except ConfigError as exc:
+        print(f"files-proxy: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="files-proxy", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True, type=Path)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", default=8080, type=int)
+    serve.set_defaults(command=_serve)
+
+    check = commands.add_parser("check-config", help="validate a config file and its secrets, then exit")
+    check.add_argument("--config", required=True, type=Path)
+    check.set_defaults(command=_check_config)
+
+    hash_cmd = commands.add_parser("hash-key", help="print the sha256 of a proxy key, for client_key_sha256")
+    hash_cmd.add_argument("key", nargs="?", default="-", help="the key; omit or '-' to read it from stdin")
+    hash_cmd.set_defaults(command=_hash_key)
+
+    simulate = commands.add_parser("simulate", help="run the local Files API simulator")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", default=8081, type=int)
+    simulate.add_argument("--latency-ms", default=0.0, type=float)
+    simulate.set_defaults(command=_simulate)
+
+    demo = commands.add_parser("demo", help="run the simulator and a proxy in front of it, for a first try")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", default=8080, type=int)
+    demo.set_defaults(command=_demo)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    asyncio.run(_run_servers([(create_app(settings), _bind(args.host, args.port))], args.log_level))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    print(f"{args.config}: OK")
+    print(f"  upstream: {settings.upstream.origin}")
+    print(f"  cache:    {settings.cache.url}")
+    for tenant in settings.tenants:
+        keys = len(tenant.client_key_hashes)
+        print(f"  tenant {tenant.name}: workspace {tenant.workspace}, {keys} proxy key(s)")
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    if not key:
+        print("files-proxy: hash-key: empty key", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    listener = _bind(args.host, args.port)
+    print(f"Files API simulator on {_url(listener)} (any API key is accepted)", flush=True)
+    asyncio.run(_run_servers([(Simulator(latency_ms=args.latency_ms).app, listener)], args.log_level))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    proxy_key = "fp-demo-" + secrets.token_urlsafe(24)
+    upstream_key = "sk-ant-demo-" + secrets.token_hex(16)
+    simulator = Simulator()
+    simulator.add_file(upstream_key, filename="example-output.bin", size_bytes=4096, downloadable=True)
+    simulator_listener = _bind("127.0.0.1", 0)
+    proxy_listener = _bind(args.host, args.port)
+    tenant = Tenant(
+        name="demo",
+        workspace="demo",
+        client_key_hashes=frozenset({hash_key(proxy_key)}),
+        api_key=upstream_key,
+    )
+    upstream = UpstreamConfig(base_url=HttpUrl(_url(simulator_listener)))
+    settings = Settings(tenants=(tenant,), upstream=upstream)
+    url = _url(proxy_listener)
+    print(
+        f"files-proxy demo: a proxy in front of a local Files API simulator. Nothing is written to disk.\n"
+        f"  base URL:  {url}\n"
+        f"  proxy key: {proxy_key}\n"
+        f"Try it with the official SDK (pip install anthropic):\n"
+        f"{_DEMO_SNIPPET.format(url=url, key=proxy_key)}\n"
+        f"Ctrl-C stops it.",
+        flush=True,
+    )
+    servers = [(simulator.app, simulator_listener), (create_app(settings), proxy_listener)]
+    asyncio.run(_run_servers(servers, "warning" if args.log_level == "info" else args.log_level))
+    return 0
+
+
+class _Server(uvicorn.Server):
+    """Leaves signals to `_run_servers`, so several servers in one process stop on one Ctrl-C."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _run_servers(apps: list[tuple[ASGIApp, socket.socket]], log_level: str) -> None:
+    servers = [
+        (_Server(uvicorn.Config(app, log_config=None, log_level=log_level, server_header=False)), listener)
+        for app, listener in apps
+    ]
+
+    def stop() -> None:
+        for server, _ in servers:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop)
+    await asyncio.gather(*(server.serve(sockets=[listener]) for server, listener in servers))
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before serving, so port 0 works and the real address can be printed first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, reuse_port=False)
+
+
+def _url(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -1,0 +1,85 @@
+"""Errors the proxy answers itself, each carrying its HTTP status and Anthropic `error.type`.
+
+    ProxyError
+    ├── InvalidRequestError        400 invalid_request_error
+    ├── AuthenticationError        401 authentication_error
+    ├── NotFoundError              404 not_found_error
+    ├── MethodNotAllowedError      405 invalid_request_error
+    ├── RequestTooLargeError       413 request_too_large
+    └── UpstreamError
+        ├── UpstreamUnavailableError   502 api_error
+        └── UpstreamTimeoutError       504 timeout_error
+
+Routes raise these; one handler in `app.py` renders them with `error_response`. Messages are
+written for the client and never contain hosts, keys or tracebacks.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from starlette.responses import JSONResponse
+
+
+class ProxyError(Exception):
+    status_code = 500
+    error_type = "api_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequestError(ProxyError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(ProxyError):
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFoundError(ProxyError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class MethodNotAllowedError(ProxyError):
+    status_code = 405
+    error_type = "invalid_request_error"
+
+
+class RequestTooLargeError(ProxyError):
+    status_code = 413
+    error_type = "request_too_large"
+
+
+class UpstreamError(ProxyError):
+    """The upstream could not give an answer; nothing it said reached the client."""
+
+
+class UpstreamUnavailableError(UpstreamError):
+    status_code = 502
+    error_type = "api_error"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status_code = 504
+    error_type = "timeout_error"
+
+
+def new_request_id() -> str:
+    """A proxy-made request id: `req_` like Anthropic's, `fp` so support can tell whose it is."""
+    return "req_fp" + secrets.token_hex(11)
+
+
+def error_response(status_code: int, error_type: str, message: str, request_id: str) -> JSONResponse:
+    """Render an error in Anthropic's envelope, with the id in the body and the `request-id` header."""
+    body = {
+        "type": "error",
+        "error": {"type": error_type, "message": message},
+        "request_id": request_id,
+    }
+    return JSONResponse(body, status_code=status_code, headers={"request-id": request_id})

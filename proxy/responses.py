@@ -1,0 +1,39 @@
+"""The response that streams an upstream body to the client.
+
+Starlette skips background tasks when the client disconnects, so the upstream response is closed
+in a `finally` around the whole send instead: on completion, on disconnect and on upstream failure.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.requests import ClientDisconnect
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from proxy.errors import UpstreamError
+from proxy.upstream import UpstreamReply
+
+logger = logging.getLogger(__name__)
+
+
+class UpstreamStreamResponse(StreamingResponse):
+    def __init__(self, reply: UpstreamReply, extra_headers: list[tuple[str, str]]) -> None:
+        super().__init__(reply.iter_body(), status_code=reply.status_code)
+        self.raw_headers = [
+            (name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers + extra_headers
+        ]
+        self._reply = reply
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            logger.info("client disconnected during the response; upstream closed")
+        except UpstreamError as exc:
+            # Headers are already sent: returning unfinished makes the server drop the connection,
+            # which is how a client learns that a streamed body was cut short.
+            logger.warning("upstream failed mid-response: %s", exc.message)
+        finally:
+            await self._reply.aclose()

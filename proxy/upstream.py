@@ -1,0 +1,125 @@
+"""The one place that talks to Anthropic: one shared httpx client, header filtering both ways, and
+the translation of httpx failures into proxy errors (httpx's own `map_httpcore_exceptions` idea).
+
+Requests and responses stream: the proxy passes bodies through in chunks and never retries, so a
+POST reaches the upstream at most once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+
+import httpx
+
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamTimeoutError, UpstreamUnavailableError
+
+logger = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Set by the proxy's own server or by httpx; never copied across.
+_NOT_FORWARDED_RESPONSE = frozenset({"date", "server"})
+
+
+def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers (RFC 9110 section 7.6.1), including every header named in Connection."""
+    pairs = [(name.lower(), value) for name, value in headers]
+    named = {
+        token.strip().lower() for name, value in pairs if name == "connection" for token in value.split(",")
+    }
+    return [(name, value) for name, value in pairs if name not in HOP_BY_HOP and name not in named]
+
+
+class UpstreamReply:
+    """An upstream response whose body has not been read yet. Always `aclose()` it."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.headers = [
+            (name, value)
+            for name, value in end_to_end(response.headers.multi_items())
+            if name not in _NOT_FORWARDED_RESPONSE
+        ]
+
+    @property
+    def request_id(self) -> str | None:
+        request_id: str | None = self._response.headers.get("request-id")
+        return request_id
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, undecoded, so Content-Length and Content-Encoding stay true."""
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError("The Anthropic API stopped sending the response body.") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailableError("The Anthropic API connection broke during the response.") from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class UpstreamClient:
+    """Sends Files requests to the configured base URL over one pooled connection set."""
+
+    def __init__(self, config: UpstreamConfig, *, client: httpx.AsyncClient | None = None) -> None:
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=config.connect_timeout_s,
+                read=config.read_timeout_s,
+                write=config.write_timeout_s,
+                pool=config.pool_timeout_s,
+            ),
+            limits=httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_keepalive_connections,
+            ),
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self._origin = config.origin
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        query: bytes,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes] | None = None,
+    ) -> UpstreamReply:
+        """Send once and return as soon as the response headers arrive."""
+        # With a body, the client's Content-Length is kept so the upstream gets a plain body, not a
+        # chunked one; httpx then sends exactly that many bytes or fails.
+        not_forwarded = {"host"} if body is not None else {"host", "content-length"}
+        request = self._client.build_request(
+            method,
+            httpx.URL(self._origin + path, query=query),
+            headers=[(name, value) for name, value in headers if name not in not_forwarded],
+            content=body,
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError("The Anthropic API did not answer in time.") from exc
+        except httpx.HTTPError as exc:
+            logger.warning("upstream unreachable: %s", type(exc).__name__)
+            raise UpstreamUnavailableError("The Anthropic API could not be reached.") from exc
+        return UpstreamReply(response)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

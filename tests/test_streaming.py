@@ -1,0 +1,174 @@
+"""Large bodies stream through a proxy process without growing its memory; disconnects close upstream.
+
+The proxy runs as `files-proxy serve` in its own process so its memory can be measured alone; the
+bodies are generated and hashed chunk by chunk, so the test process never holds them either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from proxy.simulator import Simulator
+from tests.conftest import ALPHA, BRAVO, free_port
+
+SIZE = 200 * 1024 * 1024
+MEMORY_BOUND = 64 * 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+class PeakRss:
+    """Samples a process's resident memory in a thread; `growth` is the peak over the baseline."""
+
+    def __init__(self, pid: int) -> None:
+        self._process = psutil.Process(pid)
+        self.baseline = self._process.memory_info().rss
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.baseline
+
+
+@pytest.fixture
+def proxy_process(simulator_url: str, tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """`files-proxy serve` as a subprocess in front of the in-process simulator: (url, pid)."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[upstream]\nbase_url = "{simulator_url}"\n\n'
+        f'[[tenants]]\nname = "alpha"\nworkspace = "alpha-prod"\napi_key_env = "KEY_ALPHA"\n'
+        f'client_key_sha256 = ["{hashlib.sha256(ALPHA.proxy_key.encode()).hexdigest()}"]\n\n'
+        f'[[tenants]]\nname = "bravo"\nworkspace = "bravo-prod"\napi_key_env = "KEY_BRAVO"\n'
+        f'client_key_sha256 = ["{hashlib.sha256(BRAVO.proxy_key.encode()).hexdigest()}"]\n'
+    )
+    port = free_port()
+    env = {**os.environ, "KEY_ALPHA": ALPHA.upstream_key, "KEY_BRAVO": BRAVO.upstream_key}
+    command = [str(Path(sys.executable).parent / "files-proxy"), "--log-level", "warning", "serve"]
+    process = subprocess.Popen([*command, "--config", str(config), "--port", str(port)], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url)
+        # Warm up the code paths once, so the baseline includes imports and pools.
+        httpx.get(f"{url}/v1/files", headers=_headers())
+        yield url, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _wait_until_up(url: str) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/healthz")
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise RuntimeError("proxy did not start")
+
+
+def _headers() -> dict[str, str]:
+    return {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01"}
+
+
+def _pattern(size: int) -> Iterator[bytes]:
+    block = hashlib.sha256(b"upload").digest() * (CHUNK // 32)
+    for offset in range(0, size, CHUNK):
+        yield block[: min(CHUNK, size - offset)]
+
+
+def test_200mb_download_streams_with_bounded_proxy_memory(
+    proxy_process: tuple[str, int], simulator: Simulator
+) -> None:
+    url, pid = proxy_process
+    file_id = simulator.add_file(ALPHA.upstream_key, filename="big.bin", size_bytes=SIZE)
+    expected = hashlib.sha256()
+    for chunk in simulator.content_of(file_id):
+        expected.update(chunk)
+
+    received = hashlib.sha256()
+    size = 0
+    with PeakRss(pid) as rss, httpx.stream("GET", f"{url}/v1/files/{file_id}/content", headers=_headers()) as response:
+        assert response.status_code == 200
+        assert response.headers["content-length"] == str(SIZE)
+        for chunk in response.iter_raw():
+            received.update(chunk)
+            size += len(chunk)
+
+    assert size == SIZE
+    assert received.hexdigest() == expected.hexdigest()
+    assert rss.growth < MEMORY_BOUND, f"proxy grew by {rss.growth / 2**20:.1f} MiB"
+
+
+def test_200mb_upload_streams_with_bounded_proxy_memory(
+    proxy_process: tuple[str, int], simulator: Simulator
+) -> None:
+    url, pid = proxy_process
+    head = b'--bnd\r\ncontent-disposition: form-data; name="file"; filename="big.bin"\r\n'
+    head += b"content-type: application/octet-stream\r\n\r\n"
+    tail = b"\r\n--bnd--\r\n"
+    expected = hashlib.sha256()
+    for chunk in _pattern(SIZE):
+        expected.update(chunk)
+
+    def body() -> Iterator[bytes]:
+        yield head
+        yield from _pattern(SIZE)
+        yield tail
+
+    headers = {
+        **_headers(),
+        "content-type": "multipart/form-data; boundary=bnd",
+        "content-length": str(len(head) + SIZE + len(tail)),
+    }
+    with PeakRss(pid) as rss:
+        response = httpx.post(f"{url}/v1/files", content=body(), headers=headers, timeout=120)
+
+    assert response.status_code == 200, response.text
+    uploaded = response.json()
+    assert uploaded["size_bytes"] == SIZE
+    assert simulator.uploads[uploaded["id"]] == (SIZE, expected.hexdigest())
+    assert rss.growth < MEMORY_BOUND, f"proxy grew by {rss.growth / 2**20:.1f} MiB"
+
+
+def test_client_disconnect_mid_download_closes_the_upstream_response(
+    serve_proxy: Callable[..., str], simulator: Simulator
+) -> None:
+    url = serve_proxy()
+    file_id = simulator.add_file(ALPHA.upstream_key, filename="big.bin", size_bytes=SIZE)
+
+    with httpx.stream("GET", f"{url}/v1/files/{file_id}/content", headers=_headers()) as response:
+        assert response.status_code == 200
+        next(response.iter_raw())
+
+    deadline = time.monotonic() + 10
+    while not simulator.downloads or simulator.downloads[-1].finished is None:
+        assert time.monotonic() < deadline, "the upstream download was never closed"
+        time.sleep(0.02)
+    [download] = simulator.downloads
+    assert download.finished == "aborted"
+    assert download.bytes_sent < SIZE // 4
