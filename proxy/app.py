@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
@@ -12,18 +13,39 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.cache import CachePolicy
+from proxy.caching import ResponseCache
 from proxy.config import Settings
 from proxy.errors import ProxyError, error_response, new_request_id
 from proxy.handler import FilesHandler
+from proxy.store import RedisStore, open_store
 from proxy.upstream import UpstreamClient
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = None) -> Starlette:
-    """The proxy app for these settings; `http_client` replaces the upstream client (tests, bench)."""
+def create_app(
+    settings: Settings,
+    *,
+    http_client: httpx.AsyncClient | None = None,
+    store: RedisStore | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """The proxy app for these settings; `http_client` and `store` replace the configured ones."""
     upstream = UpstreamClient(settings.upstream, client=http_client)
-    handler = FilesHandler(settings, upstream)
+    cache_config = settings.cache
+    store = store or open_store(
+        cache_config.url, max_connections=cache_config.max_connections, timeout_s=cache_config.timeout_s
+    )
+    cache = ResponseCache(
+        CachePolicy(cache_config), store, collapse_timeout_s=cache_config.collapse_timeout_s, clock=clock
+    )
+    handler = FilesHandler(settings, upstream, cache)
+
+    async def readyz(request: Request) -> Response:
+        """Ready once started; the cache state is reported, never a reason to be unready."""
+        cache_state = "up" if await store.ping() else "unavailable"
+        return JSONResponse({"status": "ready", "cache": cache_state})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -31,11 +53,12 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
             yield
         finally:
             await upstream.aclose()
+            await store.aclose()
 
     return Starlette(
         routes=[
             Route("/healthz", _healthz, methods=["GET"]),
-            Route("/readyz", _readyz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
             # Every other path and method goes to the handler, which answers 404/405 itself.
             Route("/{path:path}", handler.handle, methods=None),
         ],
@@ -50,10 +73,6 @@ def create_app(settings: Settings, *, http_client: httpx.AsyncClient | None = No
 
 async def _healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
-
-
-async def _readyz(request: Request) -> Response:
-    return JSONResponse({"status": "ready"})
 
 
 async def _render_proxy_error(request: Request, exc: Exception) -> Response:

@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, fie
 
 _SHA256_HEX = r"^[0-9a-fA-F]{64}$"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# A variable name, so that a key pasted here by mistake is refused without being echoed.
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 
 class ConfigError(Exception):
@@ -49,6 +51,9 @@ class CacheConfig(_Section):
     list_ttl_s: Annotated[int, Field(ge=0)] = 10
     stale_if_error_s: Annotated[int, Field(ge=0)] = 300
     negative_ttl_s: Annotated[int, Field(ge=0)] = 5
+    collapse_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    timeout_s: Annotated[float, Field(gt=0)] = 0.25
+    max_connections: Annotated[int, Field(ge=1)] = 50
 
 
 class LimitsConfig(_Section):
@@ -58,7 +63,7 @@ class LimitsConfig(_Section):
 class _TenantFile(_Section):
     name: Annotated[str, Field(pattern=_NAME)]
     workspace: Annotated[str, Field(pattern=_NAME)]
-    api_key_env: str | None = None
+    api_key_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None
     api_key_file: Path | None = None
     client_key_sha256: Annotated[list[Annotated[str, Field(pattern=_SHA256_HEX)]], Field(min_length=1)]
 
@@ -109,14 +114,19 @@ def load_settings(path: Path, environ: Mapping[str, str] = os.environ) -> Settin
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     try:
         parsed = _ConfigFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc)}") from exc
-    tenants = tuple(_resolve_tenant(t, path.parent, environ) for t in parsed.tenants)
-    _check_unique(tenants)
+    try:
+        tenants = tuple(_resolve_tenant(t, path.parent, environ) for t in parsed.tenants)
+        _check_unique(tenants)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     return Settings(tenants=tenants, upstream=parsed.upstream, cache=parsed.cache, limits=parsed.limits)
 
 
@@ -130,7 +140,9 @@ def _describe(exc: ValidationError) -> str:
     if error["type"] == "missing":
         return f"{where}: required key is missing"
     value: Any = error.get("input")
-    shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+    # A value is echoed to help fix it, unless it may be a secret pasted into the wrong place.
+    secretish = any(part in ("client_key_sha256", "api_key_env", "api_key_file") for part in error["loc"])
+    shown = "" if secretish or isinstance(value, dict | list) else f" (got {value!r})"
     return f"{where}: {error['msg']}{shown}"
 
 
@@ -153,6 +165,8 @@ def _resolve_tenant(tenant: _TenantFile, base: Path, environ: Mapping[str, str])
             raise ConfigError(
                 f"tenant {tenant.name!r}: cannot read api_key_file {key_path}: {exc.strerror}"
             ) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"tenant {tenant.name!r}: api_key_file {key_path} is not UTF-8 text") from exc
         if not api_key:
             raise ConfigError(f"tenant {tenant.name!r}: api_key_file {key_path} is empty")
     return Tenant(

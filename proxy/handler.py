@@ -1,39 +1,79 @@
-"""The Files endpoint: authenticate, route, swap the key, forward, stream the answer back."""
+"""The Files endpoint: authenticate, route, swap the key, then answer from cache or forward."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy.auth import CREDENTIAL_HEADERS, Authenticator, Caller
+from proxy.cache import METHOD_STATUS, Entry, target_for
+from proxy.caching import Answer, ResponseCache
 from proxy.config import Settings
 from proxy.errors import InvalidRequestError, RequestTooLargeError
-from proxy.responses import UpstreamStreamResponse
+from proxy.responses import UpstreamStreamResponse, answer_response
 from proxy.routes import Operation, resolve
-from proxy.upstream import UpstreamClient, end_to_end
+from proxy.upstream import UpstreamClient, UpstreamReply, end_to_end
+
+# List pages of 1000 files are a few hundred KB; anything far larger is not a Files API answer.
+_MAX_JSON_ANSWER = 32 * 1024 * 1024
 
 
 class FilesHandler:
-    def __init__(self, settings: Settings, upstream: UpstreamClient) -> None:
+    def __init__(self, settings: Settings, upstream: UpstreamClient, cache: ResponseCache) -> None:
         self._authenticator = Authenticator(settings.tenants)
         self._upstream = upstream
+        self._cache = cache
         self._max_upload_bytes = settings.limits.max_upload_bytes
 
     async def handle(self, request: Request) -> Response:
         """Answer one request to any path; only the five Files routes ever reach upstream."""
         caller = self._authenticator.authenticate(request.headers)
         match = resolve(request.method, request.scope.get("raw_path") or request.url.path.encode())
-        body = self._upload_body(request) if match.operation is Operation.UPLOAD else None
-        reply = await self._upstream.send(
-            match.operation.method,
-            match.upstream_path,
+        operation = match.operation
+        target = target_for(
+            operation,
+            caller.tenant.cache_scope,
+            request.headers.get("anthropic-workspace-id"),
+            request.headers.get("anthropic-version"),
+            request.headers.getlist("anthropic-beta"),
+            match.file_id,
             request.scope["query_string"],
-            _upstream_headers(request, caller),
-            body,
         )
-        return UpstreamStreamResponse(reply, extra_headers=[])
+        headers = _upstream_headers(request, caller)
+
+        def send(body: AsyncIterator[bytes] | None = None) -> Awaitable[UpstreamReply]:
+            return self._upstream.send(
+                operation.method, match.upstream_path, request.scope["query_string"], headers, body
+            )
+
+        if operation is Operation.DOWNLOAD:
+            return UpstreamStreamResponse(await send(), extra_headers=[("cache-status", METHOD_STATUS)])
+        if operation is Operation.UPLOAD:
+            body = self._upload_body(request)
+            entry = await self._read_whole(lambda: send(body))
+            if entry.status == 200:
+                await self._cache.invalidate(self._cache.policy.writes_after_upload(target, entry))
+            return answer_response(Answer(entry, METHOD_STATUS))
+        if operation is Operation.DELETE:
+            entry = await self._read_whole(send)
+            if entry.status in (200, 404):
+                await self._cache.invalidate(self._cache.policy.writes_after_delete(target))
+            return answer_response(Answer(entry, METHOD_STATUS))
+        no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
+        answer = await self._cache.read(target, lambda: self._read_whole(send), no_cache=no_cache)
+        return answer_response(answer)
+
+    async def _read_whole(self, send: Callable[[], Awaitable[UpstreamReply]]) -> Entry:
+        """Send, and read the small JSON answer whole (it may be cached or fill the cache)."""
+        reply = await send()
+        try:
+            body = await reply.read(_MAX_JSON_ANSWER)
+        finally:
+            await reply.aclose()
+        now = self._cache.clock()
+        return Entry(reply.status_code, tuple(reply.decoded_headers), body, now, now, now)
 
     def _upload_body(self, request: Request) -> AsyncIterator[bytes]:
         declared = request.headers.get("content-length")
@@ -53,9 +93,8 @@ class FilesHandler:
             yield chunk
 
     def _too_large(self) -> RequestTooLargeError:
-        return RequestTooLargeError(
-            f"Upload is larger than this proxy's limit of {self._max_upload_bytes} bytes."
-        )
+        limit = self._max_upload_bytes
+        return RequestTooLargeError(f"Upload is larger than this proxy's limit of {limit} bytes.")
 
 
 def _upstream_headers(request: Request, caller: Caller) -> list[tuple[str, str]]:

@@ -1,4 +1,4 @@
-"""The response that streams an upstream body to the client.
+"""Responses: a cached or read-whole answer, and the one that streams an upstream body.
 
 Starlette skips background tasks when the client disconnects, so the upstream response is closed
 in a `finally` around the whole send instead: on completion, on disconnect and on upstream failure.
@@ -9,21 +9,35 @@ from __future__ import annotations
 import logging
 
 from starlette.requests import ClientDisconnect
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from proxy.caching import Answer
 from proxy.errors import UpstreamError
 from proxy.upstream import UpstreamReply
 
 logger = logging.getLogger(__name__)
 
 
+def answer_response(answer: Answer) -> Response:
+    """A complete response, with `Cache-Status` and, when it came from the store, `Age`."""
+    entry = answer.entry
+    response = Response(entry.body, status_code=entry.status)
+    headers = [*entry.headers, ("cache-status", answer.cache_status)]
+    if answer.age is not None:
+        headers.append(("age", str(answer.age)))
+    response.raw_headers += _encoded(headers)
+    return response
+
+
+def _encoded(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
 class UpstreamStreamResponse(StreamingResponse):
     def __init__(self, reply: UpstreamReply, extra_headers: list[tuple[str, str]]) -> None:
         super().__init__(reply.iter_body(), status_code=reply.status_code)
-        self.raw_headers = [
-            (name.encode("latin-1"), value.encode("latin-1")) for name, value in reply.headers + extra_headers
-        ]
+        self.raw_headers = _encoded(reply.headers + extra_headers)
         self._reply = reply
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -31,6 +31,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Set by the proxy's own server or by httpx; never copied across.
+_BODY_FRAMING = frozenset({"content-length", "content-encoding"})
 _NOT_FORWARDED_RESPONSE = frozenset({"date", "server"})
 
 
@@ -69,6 +70,25 @@ class UpstreamReply:
             raise UpstreamTimeoutError("The Anthropic API stopped sending the response body.") from exc
         except httpx.HTTPError as exc:
             raise UpstreamUnavailableError("The Anthropic API connection broke during the response.") from exc
+
+    async def read(self, limit: int) -> bytes:
+        """The whole decoded body of a small JSON answer; larger than `limit` is an upstream fault."""
+        body = bytearray()
+        try:
+            async for chunk in self._response.aiter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    raise UpstreamUnavailableError("The Anthropic API sent an unexpectedly large answer.")
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeoutError("The Anthropic API stopped sending the response body.") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamUnavailableError("The Anthropic API connection broke during the response.") from exc
+        return bytes(body)
+
+    @property
+    def decoded_headers(self) -> list[tuple[str, str]]:
+        """The headers that still hold once the body was read decoded and is sent whole."""
+        return [(name, value) for name, value in self.headers if name not in _BODY_FRAMING]
 
     async def aclose(self) -> None:
         await self._response.aclose()

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import free_port
+from tests.support import free_port
 
 FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
 
@@ -80,7 +80,9 @@ def test_simulate_answers_the_sdk_directly_in_both_generations() -> None:
     process = _start("simulate", "--port", str(port))
     try:
         _read_until(process, f"127.0.0.1:{port}")
-        with anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="sk-any", max_retries=0) as client:
+        with anthropic.Anthropic(
+            base_url=f"http://127.0.0.1:{port}", api_key="sk-any", max_retries=0
+        ) as client:
             uploaded = client.files.upload(file=("ga.txt", b"ga", "text/plain"))
             page = client.files.list()
             assert [f.id for f in page.data] == [uploaded.id]

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from proxy.simulator import Simulator
-from tests.conftest import ALL_SECRETS, ALPHA, BRAVO, free_port, raw_http
+from tests.support import ALL_SECRETS, ALPHA, BRAVO, free_port, raw_http
 
 BETA = "files-api-2025-04-14"
 
@@ -101,7 +101,10 @@ def test_tenants_see_only_their_own_files_and_upstream_never_sees_a_proxy_key(
         assert ALPHA.proxy_key not in sent and BRAVO.proxy_key not in sent
         # The SDK sends Bearer; the same form reaches upstream, with the tenant's own key.
         assert received.header("x-api-key") is None
-        assert received.header("authorization") in {f"Bearer {ALPHA.upstream_key}", f"Bearer {BRAVO.upstream_key}"}
+        assert received.header("authorization") in {
+            f"Bearer {ALPHA.upstream_key}",
+            f"Bearer {BRAVO.upstream_key}",
+        }
 
 
 def test_end_to_end_headers_and_query_pass_unchanged_and_hop_by_hop_are_dropped(
@@ -150,11 +153,20 @@ def test_upstream_error_status_headers_and_body_pass_through(
     ("method", "target", "headers", "status", "error_type"),
     [
         pytest.param("GET", "/v1/files", [], 401, "authentication_error", id="no-key"),
-        pytest.param("GET", "/v1/files", [("x-api-key", "fp-unknown")], 401, "authentication_error", id="unknown"),
-        pytest.param("GET", "/v1/files", [("x-api-key", "")], 401, "authentication_error", id="empty"),
-        pytest.param("GET", "/v1/files", [("authorization", "Bearer ")], 401, "authentication_error", id="bearer-empty"),
         pytest.param(
-            "GET", "/v1/files", [("authorization", "Basic YTpi")], 401, "authentication_error", id="basic-scheme"
+            "GET", "/v1/files", [("x-api-key", "fp-unknown")], 401, "authentication_error", id="unknown"
+        ),
+        pytest.param("GET", "/v1/files", [("x-api-key", "")], 401, "authentication_error", id="empty"),
+        pytest.param(
+            "GET", "/v1/files", [("authorization", "Bearer ")], 401, "authentication_error", id="bearer-empty"
+        ),
+        pytest.param(
+            "GET",
+            "/v1/files",
+            [("authorization", "Basic YTpi")],
+            401,
+            "authentication_error",
+            id="basic-scheme",
         ),
         pytest.param(
             "GET",
@@ -164,14 +176,25 @@ def test_upstream_error_status_headers_and_body_pass_through(
             "authentication_error",
             id="two-keys",
         ),
-        pytest.param("GET", "/v1/files", [("x-api-key", ALPHA.upstream_key)], 401, "authentication_error", id="upstream-key"),
+        pytest.param(
+            "GET",
+            "/v1/files",
+            [("x-api-key", ALPHA.upstream_key)],
+            401,
+            "authentication_error",
+            id="upstream-key",
+        ),
         pytest.param("POST", "/v1/messages", None, 404, "not_found_error", id="not-files"),
         pytest.param("GET", "/v1/models", None, 404, "not_found_error", id="models"),
         pytest.param("GET", "/admin", None, 404, "not_found_error", id="other-root"),
         pytest.param("PUT", "/v1/files", None, 405, "invalid_request_error", id="put"),
         pytest.param("PATCH", "/v1/files/file_1", None, 405, "invalid_request_error", id="patch"),
-        pytest.param("POST", "/v1/files/file_1/content", None, 405, "invalid_request_error", id="post-content"),
-        pytest.param("GET", "/v1/files/..%2F..%2Fv1%2Fmessages", None, 400, "invalid_request_error", id="enc-slash"),
+        pytest.param(
+            "POST", "/v1/files/file_1/content", None, 405, "invalid_request_error", id="post-content"
+        ),
+        pytest.param(
+            "GET", "/v1/files/..%2F..%2Fv1%2Fmessages", None, 400, "invalid_request_error", id="enc-slash"
+        ),
         pytest.param("GET", "/v1/files/%2e%2e/content", None, 400, "invalid_request_error", id="enc-dots"),
         pytest.param("GET", "/v1/files/../messages", None, 400, "invalid_request_error", id="raw-dots"),
         pytest.param("GET", "/v1/files/file_1%00", None, 400, "invalid_request_error", id="nul"),

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from proxy.simulator import Simulator
-from tests.conftest import ALPHA, BRAVO, free_port
+from tests.support import ALPHA, BRAVO, free_port
 
 SIZE = 200 * 1024 * 1024
 MEMORY_BOUND = 64 * 1024 * 1024
@@ -112,7 +112,10 @@ def test_200mb_download_streams_with_bounded_proxy_memory(
 
     received = hashlib.sha256()
     size = 0
-    with PeakRss(pid) as rss, httpx.stream("GET", f"{url}/v1/files/{file_id}/content", headers=_headers()) as response:
+    with (
+        PeakRss(pid) as rss,
+        httpx.stream("GET", f"{url}/v1/files/{file_id}/content", headers=_headers()) as response,
+    ):
         assert response.status_code == 200
         assert response.headers["content-length"] == str(SIZE)
         for chunk in response.iter_raw():

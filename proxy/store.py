@@ -1,0 +1,140 @@
+"""The store: Redis through redis-py's asyncio client; `memory://` is an in-process fakeredis server
+behind the same client class, so the embedded cache and real Redis share every line of this module.
+
+This is the only module that catches Redis errors. Each call has a short timeout, and a circuit
+breaker stops calling a store that keeps failing, so a dead Redis costs a request nothing but a
+skipped cache. Every failure becomes `CacheUnavailableError`, which callers treat as a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import fakeredis
+import redis.asyncio as redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from proxy.cache import Bump, Delete, Expire, HashSet, Put, Write
+
+logger = logging.getLogger(__name__)
+
+
+class CacheUnavailableError(Exception):
+    """The store could not be used for this call (down, slow, or the breaker is open)."""
+
+
+class CircuitBreaker:
+    """Opens after `threshold` failures in a row; after `cooldown_s` lets calls try again."""
+
+    def __init__(
+        self, threshold: int = 3, cooldown_s: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ):
+        self._threshold = threshold
+        self._cooldown_s = cooldown_s
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened_at is not None
+
+    def allows_call(self) -> bool:
+        return self._opened_at is None or self._clock() - self._opened_at >= self._cooldown_s
+
+    def succeeded(self) -> None:
+        if self._opened_at is not None:
+            logger.warning("cache store is back; caching resumes")
+        self._failures = 0
+        self._opened_at = None
+
+    def failed(self) -> None:
+        self._failures += 1
+        if self._failures >= self._threshold:
+            if self._opened_at is None:
+                logger.warning("cache store unavailable; serving without cache until it returns")
+            self._opened_at = self._clock()
+
+
+class RedisStore:
+    def __init__(
+        self, client: redis.Redis, *, timeout_s: float = 0.25, breaker: CircuitBreaker | None = None
+    ) -> None:
+        self._client = client
+        self._timeout_s = timeout_s
+        self.breaker = breaker or CircuitBreaker()
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        values: list[bytes | None] = await self._call(lambda: self._client.mget(keys))
+        return values
+
+    async def hmget(self, key: str, fields: Sequence[str]) -> list[bytes | None]:
+        values: list[bytes | None] = await self._call(lambda: self._client.hmget(key, list(fields)))
+        return values
+
+    async def write(self, writes: Sequence[Write]) -> None:
+        """Apply the writes in order, in one round trip (not atomic: each write is safe alone)."""
+        if writes:
+            await self._call(lambda: self._pipeline(writes).execute())
+
+    async def ping(self) -> bool:
+        try:
+            await self._call(self._client.ping)
+        except CacheUnavailableError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _pipeline(self, writes: Sequence[Write]) -> redis.client.Pipeline:
+        pipe = self._client.pipeline(transaction=False)
+        for write in writes:
+            match write:
+                case HashSet(key, field, value):
+                    pipe.hset(key, field, value)
+                case Put(key, value, ttl_s):
+                    pipe.set(key, value, ex=ttl_s)
+                case Expire(key, ttl_s, only_if_unset):
+                    pipe.expire(key, ttl_s, nx=only_if_unset)
+                case Bump(key):
+                    pipe.incr(key)
+                case Delete(key):
+                    pipe.delete(key)
+        return pipe
+
+    async def _call(self, operation: Callable[[], Any]) -> Any:
+        """Run one store call under the breaker and the timeout, translating every failure."""
+        if not self.breaker.allows_call():
+            raise CacheUnavailableError("circuit open")
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                value = await operation()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.breaker.failed()
+            raise CacheUnavailableError(type(exc).__name__) from exc
+        self.breaker.succeeded()
+        return value
+
+
+def open_store(url: str, *, max_connections: int = 50, timeout_s: float = 0.25) -> RedisStore:
+    """A store for `cache.url`: `memory://`, `redis://` or `rediss://`."""
+    if url == "memory://":
+        return RedisStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), timeout_s=timeout_s)
+    # A blocking pool waits for a free connection instead of raising at once when all are busy;
+    # retries are off because the breaker, not a backoff loop, decides when to try again.
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return RedisStore(redis.Redis(connection_pool=pool), timeout_s=timeout_s)

@@ -1,0 +1,147 @@
+"""Test helpers shared by several modules: test tenants, servers on real sockets, raw HTTP, a clock."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+from starlette.types import ASGIApp
+
+from proxy.config import Tenant, hash_key
+
+
+@dataclass(frozen=True)
+class TeamKeys:
+    name: str
+    workspace: str
+    proxy_key: str
+    upstream_key: str
+    upstream_workspace: str
+
+    def tenant(self) -> Tenant:
+        return Tenant(
+            name=self.name,
+            workspace=self.workspace,
+            client_key_hashes=frozenset({hash_key(self.proxy_key)}),
+            api_key=self.upstream_key,
+        )
+
+
+ALPHA = TeamKeys("alpha", "alpha-prod", "fp-test-alpha-7c1d0e", "sk-ant-test-alpha-52aa", "wrkspc_alpha")
+BRAVO = TeamKeys("bravo", "bravo-prod", "fp-test-bravo-91be44", "sk-ant-test-bravo-e07f", "wrkspc_bravo")
+ALL_SECRETS = (ALPHA.proxy_key, ALPHA.upstream_key, BRAVO.proxy_key, BRAVO.upstream_key)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Served:
+    """An ASGI app under a real uvicorn server, in a thread of this process."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_config=None, log_level="warning", ws="none", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._listener]}, daemon=True
+        )
+
+    def __enter__(self) -> Served:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=15)
+        self._listener.close()
+
+
+def raw_http(port: int, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """Send bytes exactly as given (no client-side path normalisation) and read the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(head + body)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    header_block, _, payload = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = header_block.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, payload
+
+
+class RedisServer:
+    """A real redis-server on a free port, with no persistence; can be stopped and started again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run scripts/ensure-redis-server")
+        self._process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+
+    def pause(self) -> None:
+        """Freeze the server: it keeps its data but answers nothing until `resume`."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
+class FakeClock:
+    """Wall-clock time that a test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds

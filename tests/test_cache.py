@@ -1,0 +1,205 @@
+"""Cache policy as tables: keys, variants, entries, freshness and the writes that keep it true."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.cache import (
+    TOMBSTONE,
+    Bump,
+    CachePolicy,
+    Delete,
+    Entry,
+    Expire,
+    Freshness,
+    HashSet,
+    Put,
+    forward_status,
+    normalise_query,
+    stale_status,
+    target_for,
+)
+from proxy.config import CacheConfig
+from proxy.routes import Operation
+
+GA = ("2026-10-21", [])
+BETA = ("2023-06-01", ["files-api-2025-04-14"])
+POLICY = CachePolicy(CacheConfig(metadata_ttl_s=100, list_ttl_s=10, stale_if_error_s=30, negative_ttl_s=5))
+
+
+def _target(
+    operation: Operation = Operation.LIST,
+    scope: str = "scope-a",
+    workspace: str | None = None,
+    version: str = "2026-10-21",
+    betas: tuple[str, ...] = (),
+    file_id: str | None = None,
+    query: bytes = b"limit=20",
+) -> str:
+    return target_for(operation, scope, workspace, version, betas, file_id, query).key
+
+
+def _file_json(file_id: str) -> dict[str, object]:
+    return {"id": file_id, "type": "file", "filename": "a.txt", "size_bytes": 1}
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        pytest.param({"scope": "scope-a"}, {"scope": "scope-b"}, id="tenant-upstream-key"),
+        pytest.param({"workspace": None}, {"workspace": "wrkspc_1"}, id="workspace-header"),
+        pytest.param({"workspace": "wrkspc_1"}, {"workspace": "wrkspc_2"}, id="two-workspaces"),
+        pytest.param({"version": "2023-06-01"}, {"version": "2026-10-21"}, id="anthropic-version"),
+        pytest.param({"betas": ()}, {"betas": ("files-api-2025-04-14",)}, id="beta-vs-ga"),
+        pytest.param({"query": b"limit=20"}, {"query": b"limit=21"}, id="query"),
+        pytest.param({"query": b"ids=a"}, {"query": b"ids=a&ids=b"}, id="repeated-ids"),
+    ],
+)
+def test_anything_that_changes_the_answer_changes_the_list_key(
+    one: dict[str, object], other: dict[str, object]
+) -> None:
+    assert _target(**one) != _target(**other)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        pytest.param({"query": b"limit=2&beta=true"}, {"query": b"beta=true&limit=2"}, id="query-order"),
+        pytest.param({"betas": ("b1,b2",)}, {"betas": ("b2", "b1")}, id="beta-split-and-order"),
+        pytest.param({"betas": ("b1, b1",)}, {"betas": ("b1",)}, id="beta-duplicates-and-spaces"),
+    ],
+)
+def test_equivalent_requests_share_a_list_key(one: dict[str, object], other: dict[str, object]) -> None:
+    assert _target(**one) == _target(**other)  # type: ignore[arg-type]
+
+
+def test_keys_carry_the_scope_as_a_hash_tag_and_never_the_raw_workspace() -> None:
+    target = target_for(Operation.METADATA, "scope-a", "wrkspc_secretish", "v", [], "file_1", b"")
+    assert target.key.startswith("fp:{scope-a.") and target.key.endswith("}:file:file_1")
+    assert target.generation_key == "fp:{" + target.scope + "}:gen"
+    assert "wrkspc_secretish" not in target.key
+
+
+def test_metadata_variants_share_one_hash_so_a_delete_drops_them_all() -> None:
+    ga = target_for(Operation.METADATA, "s", None, *GA, "file_1", b"")
+    beta = target_for(Operation.METADATA, "s", None, *BETA, "file_1", b"")
+    assert ga.key == beta.key
+    assert ga.variant != beta.variant
+
+
+def test_normalise_query_keeps_repeated_values() -> None:
+    assert normalise_query(b"ids=b&limit=3&ids=a") == "ids=a&ids=b&limit=3"
+
+
+def test_entry_round_trips_and_ages() -> None:
+    entry = Entry(200, (("request-id", "req_1"),), b'{"a":\n1}', 1000.0, 1010.0, 1040.0, 7)
+    assert Entry.unpack(entry.pack()) == entry
+    assert entry.age(1004.9) == 4
+    assert entry.ttl(1004.0) == 6
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        pytest.param(1000.0, Freshness.FRESH, id="just-stored"),
+        pytest.param(1009.9, Freshness.FRESH, id="end-of-fresh"),
+        pytest.param(1010.0, Freshness.STALE, id="stale"),
+        pytest.param(1039.9, Freshness.STALE, id="end-of-stale"),
+        pytest.param(1040.0, Freshness.UNUSABLE, id="gone"),
+    ],
+)
+def test_freshness(now: float, expected: Freshness) -> None:
+    assert Entry(200, (), b"", 1000.0, 1010.0, 1040.0).freshness(now) is expected
+
+
+def _answer(status: int, body: object) -> Entry:
+    headers = (("content-type", "application/json"), ("request-id", "req_up"), ("x-envoy-upstream", "1"))
+    return Entry(status, headers, json.dumps(body).encode(), 1000.0, 1000.0, 1000.0)
+
+
+def test_a_list_page_is_stored_with_its_generation_and_fills_metadata() -> None:
+    target = target_for(Operation.LIST, "s", None, *GA, None, b"limit=2")
+    page = {"data": [_file_json("file_1"), _file_json("file_2")], "next_page": None}
+
+    writes = POLICY.writes_for_answer(target, _answer(200, page), generation=4)
+
+    put = writes[0]
+    assert isinstance(put, Put) and put.key == target.key and put.ttl_s == 40
+    stored = Entry.unpack(put.value)
+    assert (stored.generation, stored.fresh_until, stored.stale_until) == (4, 1010.0, 1040.0)
+    assert dict(stored.headers) == {"content-type": "application/json", "request-id": "req_up"}
+    filled = {w.key: w for w in writes if isinstance(w, HashSet)}
+    assert set(filled) == {"fp:{s}:file:file_1", "fp:{s}:file:file_2"}
+    assert json.loads(Entry.unpack(filled["fp:{s}:file:file_1"].value).body) == _file_json("file_1")
+    assert Expire("fp:{s}:file:file_1", 100) in writes
+
+
+@pytest.mark.parametrize(
+    ("operation", "status", "stored_ttl"),
+    [
+        pytest.param(Operation.METADATA, 200, 100, id="metadata-200"),
+        pytest.param(Operation.METADATA, 404, 5, id="metadata-404-negative"),
+        pytest.param(Operation.METADATA, 500, None, id="metadata-500"),
+        pytest.param(Operation.METADATA, 529, None, id="metadata-529"),
+        pytest.param(Operation.METADATA, 401, None, id="metadata-401"),
+        pytest.param(Operation.LIST, 503, None, id="list-503"),
+        pytest.param(Operation.LIST, 400, None, id="list-400"),
+        pytest.param(Operation.LIST, 404, None, id="list-404"),
+    ],
+)
+def test_only_200s_and_metadata_404s_are_stored(
+    operation: Operation, status: int, stored_ttl: int | None
+) -> None:
+    target = target_for(operation, "s", None, *GA, "file_1" if operation is Operation.METADATA else None, b"")
+    writes = POLICY.writes_for_answer(target, _answer(status, _file_json("file_1")), generation=0)
+    if stored_ttl is None:
+        assert writes == []
+        return
+    [hash_set, expire] = writes
+    assert isinstance(hash_set, HashSet) and hash_set.field == target.variant
+    assert Entry.unpack(hash_set.value).fresh_until == 1000.0 + stored_ttl
+    # A negative answer must not shorten a hash that already holds a tombstone or other variants.
+    assert expire == Expire(target.key, stored_ttl, only_if_unset=status == 404)
+
+
+def test_upload_bumps_the_generation_and_fills_its_metadata() -> None:
+    target = target_for(Operation.UPLOAD, "s", None, *GA, None, b"")
+    writes = POLICY.writes_after_upload(target, _answer(200, _file_json("file_9")))
+    assert writes[0] == Bump("fp:{s}:gen")
+    assert any(isinstance(w, HashSet) and w.key == "fp:{s}:file:file_9" for w in writes)
+
+
+def test_delete_drops_every_variant_leaves_a_tombstone_and_bumps_the_generation() -> None:
+    target = target_for(Operation.DELETE, "s", None, *GA, "file_1", b"")
+    writes = POLICY.writes_after_delete(target)
+    assert writes[:2] == [Delete("fp:{s}:file:file_1"), HashSet("fp:{s}:file:file_1", TOMBSTONE, b"1")]
+    assert Bump("fp:{s}:gen") in writes
+
+
+def test_zero_lifetimes_store_nothing() -> None:
+    policy = CachePolicy(CacheConfig(metadata_ttl_s=0, list_ttl_s=0, stale_if_error_s=0, negative_ttl_s=0))
+    page = {"data": [_file_json("file_1")]}
+    list_target = target_for(Operation.LIST, "s", None, *GA, None, b"")
+    meta_target = target_for(Operation.METADATA, "s", None, *GA, "file_1", b"")
+    assert policy.writes_for_answer(list_target, _answer(200, page), 0) == []
+    assert policy.writes_for_answer(meta_target, _answer(200, _file_json("file_1")), 0) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(
+            forward_status("uri-miss", stored=True), "files-proxy; fwd=uri-miss; stored", id="stored"
+        ),
+        pytest.param(
+            forward_status("uri-miss", collapsed=True), "files-proxy; fwd=uri-miss; collapsed", id="collapsed"
+        ),
+        pytest.param(forward_status("method"), "files-proxy; fwd=method", id="method"),
+        pytest.param(stale_status(503), "files-proxy; fwd=stale; fwd-status=503", id="stale-503"),
+        pytest.param(stale_status(None), "files-proxy; fwd=stale", id="stale-timeout"),
+    ],
+)
+def test_cache_status_values(value: str, expected: str) -> None:
+    assert value == expected

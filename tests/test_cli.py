@@ -1,0 +1,177 @@
+"""The `files-proxy` command in-process (hash-key, check-config, serve failing fast) and as `python -m proxy`."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+from proxy.config import hash_key
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV_ALPHA = "FILES_PROXY_TEST_KEY_ALPHA"
+ENV_MISSING = "FILES_PROXY_TEST_KEY_NEVER_SET"
+KEY_ALPHA = "sk-ant-test-alpha-cli-41c7"
+KEY_BRAVO = "sk-ant-test-bravo-cli-08e2"
+PROXY_KEY = "fp-test-cli-key"
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_config(folder: Path, *, alpha_env: str = ENV_ALPHA, extra_cache: str = "") -> Path:
+    (folder / "bravo.key").write_text(KEY_BRAVO + "\n", encoding="utf-8")
+    path = folder / "proxy.toml"
+    path.write_text(
+        f"""
+[cache]
+url = "memory://"
+{extra_cache}
+
+[[tenants]]
+name = "alpha"
+workspace = "alpha-prod"
+api_key_env = "{alpha_env}"
+client_key_sha256 = ["{hash_key(PROXY_KEY)}"]
+
+[[tenants]]
+name = "bravo"
+workspace = "bravo-prod"
+api_key_file = "bravo.key"
+client_key_sha256 = ["{hash_key("fp-bravo-1")}", "{hash_key("fp-bravo-2")}"]
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(PROXY_KEY, id="plain"),
+        pytest.param("abc", id="short"),
+        pytest.param("fp-" + "z" * 200, id="long"),
+    ],
+)
+def test_hash_key_argument(capsys: pytest.CaptureFixture[str], key: str) -> None:
+    assert main(["hash-key", key]) == 0
+
+    captured = capsys.readouterr()
+    assert captured.out == sha256_hex(key) + "\n"
+    assert captured.err == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "stdin"),
+    [
+        pytest.param(["hash-key"], f"{PROXY_KEY}\n", id="no-argument"),
+        pytest.param(["hash-key", "-"], f"{PROXY_KEY}\n", id="dash"),
+        pytest.param(["hash-key"], f"  {PROXY_KEY}\r\n", id="surrounding-whitespace"),
+        pytest.param(["hash-key"], PROXY_KEY, id="no-newline"),
+    ],
+)
+def test_hash_key_from_stdin(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str], stdin: str
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+
+    assert main(argv) == 0
+
+    assert capsys.readouterr().out == sha256_hex(PROXY_KEY) + "\n"
+
+
+@pytest.mark.parametrize(
+    "stdin",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("\n", id="blank-line"),
+    ],
+)
+def test_hash_key_refuses_empty_stdin(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stdin: str
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+
+    assert main(["hash-key"]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "empty key" in captured.err
+
+
+def test_check_config_good_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_ALPHA, KEY_ALPHA)
+    path = write_config(tmp_path)
+
+    assert main(["check-config", "--config", str(path)]) == 0
+
+    captured = capsys.readouterr()
+    assert f"{path}: OK" in captured.out
+    assert "tenant alpha: workspace alpha-prod, 1 proxy key(s)" in captured.out
+    assert "tenant bravo: workspace bravo-prod, 2 proxy key(s)" in captured.out
+    for secret in (KEY_ALPHA, KEY_BRAVO, PROXY_KEY):
+        assert secret not in captured.out
+        assert secret not in captured.err
+
+
+def test_check_config_bad_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_ALPHA, KEY_ALPHA)
+    path = write_config(tmp_path, extra_cache="colour = 'blue'")
+
+    assert main(["check-config", "--config", str(path)]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert captured.err.endswith("\n")
+    assert "cache.colour" in captured.err
+    assert KEY_ALPHA not in captured.err
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "absent.toml"
+
+    assert main(["check-config", "--config", str(path)]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1
+    assert str(path) in captured.err
+
+
+def test_serve_fails_fast_on_a_missing_env_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ENV_MISSING, raising=False)
+    path = write_config(tmp_path, alpha_env=ENV_MISSING)
+
+    assert main(["serve", "--config", str(path), "--host", "127.0.0.1", "--port", "0"]) == 2
+
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert ENV_MISSING in captured.err
+    assert "files-proxy demo" in captured.err
+
+
+def test_python_dash_m_proxy_is_the_same_program() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "proxy", "hash-key", "abc"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout == sha256_hex("abc") + "\n"
