@@ -11,7 +11,7 @@ import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route, request_response
 
 from proxy.cache import CachePolicy
 from proxy.caching import ResponseCache
@@ -60,7 +60,7 @@ def create_app(
             Route("/healthz", _healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             # Every other path and method goes to the handler, which answers 404/405 itself.
-            Route("/{path:path}", handler.handle, methods=None),
+            Mount("", app=request_response(handler.handle)),
         ],
         exception_handlers={
             ProxyError: _render_proxy_error,

@@ -142,7 +142,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _run_servers(apps: list[tuple[ASGIApp, socket.socket]], log_level: str) -> None:
+async def _run_servers(apps: Sequence[tuple[ASGIApp, socket.socket]], log_level: str) -> None:
     servers = [
         (_Server(uvicorn.Config(app, log_config=None, log_level=log_level, server_header=False)), listener)
         for app, listener in apps

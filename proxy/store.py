@@ -91,7 +91,7 @@ class RedisStore:
         return True
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
     def _pipeline(self, writes: Sequence[Write]) -> redis.client.Pipeline:
         pipe = self._client.pipeline(transaction=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -19,10 +20,16 @@ from tests.support import free_port
 FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
 
 
-def _start(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [FILES_PROXY, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
-    )
+@contextlib.contextmanager
+def _running(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """`files-proxy ARGS` with piped output; killed at the end if the test did not stop it."""
+    command = [FILES_PROXY, *args]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
 
 
 def _read_until(process: subprocess.Popen[str], marker: str) -> str:
@@ -42,13 +49,8 @@ def _interrupt(process: subprocess.Popen[str]) -> int:
 
 @pytest.fixture
 def demo() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    process = _start("demo", "--port", "0")
-    try:
+    with _running("demo", "--port", "0") as process:
         yield process, _read_until(process, "Ctrl-C")
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_demo_prints_a_url_and_key_that_work_with_the_sdk_and_stops_on_ctrl_c(
@@ -77,8 +79,7 @@ def test_demo_prints_a_url_and_key_that_work_with_the_sdk_and_stops_on_ctrl_c(
 
 def test_simulate_answers_the_sdk_directly_in_both_generations() -> None:
     port = free_port()
-    process = _start("simulate", "--port", str(port))
-    try:
+    with _running("simulate", "--port", str(port)) as process:
         _read_until(process, f"127.0.0.1:{port}")
         with anthropic.Anthropic(
             base_url=f"http://127.0.0.1:{port}", api_key="sk-any", max_retries=0
@@ -91,7 +92,3 @@ def test_simulate_answers_the_sdk_directly_in_both_generations() -> None:
             assert [f.id for f in beta_page.data] == [uploaded.id]
             assert beta_page.to_dict().keys() == {"data", "has_more", "first_id", "last_id"}
         assert _interrupt(process) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
