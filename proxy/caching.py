@@ -66,7 +66,7 @@ class ResponseCache:
         self.clock = clock
         self._collapse_timeout_s = collapse_timeout_s
         self._inflight: dict[str, asyncio.Future[_Outcome]] = {}
-        self._pending: deque[Write] = deque()
+        self._pending: deque[Write] = deque(maxlen=_MAX_PENDING_WRITES)
 
     async def read(self, target: CacheTarget, fetch: Fetch, *, no_cache: bool) -> Answer:
         """The answer to a list or metadata request: a hit, a collapsed or own fetch, or stale."""
@@ -108,9 +108,7 @@ class ResponseCache:
             await self.store.write(writes)
         except CacheUnavailableError:
             if len(self._pending) + len(writes) > _MAX_PENDING_WRITES:
-                logger.error("cache invalidations pending past %d; oldest dropped", _MAX_PENDING_WRITES)
-                for _ in range(len(writes)):
-                    self._pending.popleft()
+                logger.error("over %d cache writes held for the store; oldest dropped", _MAX_PENDING_WRITES)
             self._pending.extend(writes)
 
     async def _flush_pending(self) -> None:

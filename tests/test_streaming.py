@@ -48,6 +48,7 @@ class PeakRss:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join()
+        print(f"proxy RSS {self.baseline / 2**20:.1f} MiB at start, grew by {self.growth / 2**20:.1f} MiB")
 
     @property
     def growth(self) -> int:
