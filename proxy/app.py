@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime
 
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, request_response
+from starlette.types import ASGIApp
 
+from proxy.access import AccessMiddleware, log_access
+from proxy.auth import check_admin
 from proxy.cache import CachePolicy
 from proxy.caching import ResponseCache
 from proxy.config import Settings
-from proxy.errors import ProxyError, error_response, new_request_id
+from proxy.errors import InvalidRequestError, ProxyError, error_response, new_request_id
 from proxy.handler import FilesHandler
+from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.ratelimit import RateLimiter
 from proxy.store import RedisStore, open_store
 from proxy.upstream import UpstreamClient
+from proxy.usage import COUNTERS, UsageCounter, read_usage
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +38,7 @@ def create_app(
     http_client: httpx.AsyncClient | None = None,
     store: RedisStore | None = None,
     clock: Callable[[], float] = time.time,
-) -> Starlette:
+) -> ASGIApp:
     """The proxy app for these settings; `http_client` and `store` replace the configured ones."""
     upstream = UpstreamClient(settings.upstream, client=http_client)
     cache_config = settings.cache
@@ -40,25 +48,55 @@ def create_app(
     cache = ResponseCache(
         CachePolicy(cache_config), store, collapse_timeout_s=cache_config.collapse_timeout_s, clock=clock
     )
-    handler = FilesHandler(settings, upstream, cache)
+    handler = FilesHandler(settings, upstream, cache, RateLimiter(store))
+    metrics = Metrics(cache_available=lambda: not store.breaker.is_open)
+    store.on_call = lambda outcome: metrics.cache_operations.labels(outcome).inc()
+    usage = UsageCounter(store)
 
     async def readyz(request: Request) -> Response:
         """Ready once started; the cache state is reported, never a reason to be unready."""
         cache_state = "up" if await store.ping() else "unavailable"
         return JSONResponse({"status": "ready", "cache": cache_state})
 
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    async def admin_usage(request: Request) -> Response:
+        """Usage totals from the store, this replica's unwritten counts included."""
+        check_admin(request.headers, settings.admin.key_sha256)
+        today = datetime.now(UTC).date()
+        since = _date_param(request, "since", today.replace(day=1))
+        until = _date_param(request, "until", today)
+        await usage.flush()
+        rows = await read_usage(store, since, until, request.query_params.get("workspace"))
+        body = {
+            "since": since.isoformat(),
+            "until": until.isoformat(),
+            "counters": list(COUNTERS),
+            "rows": [{"workspace": r.workspace, "tenant": r.tenant, **r.counts} for r in rows],
+        }
+        return JSONResponse(body)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        def flushed(ok: bool) -> None:
+            metrics.usage_flushes.labels("ok" if ok else "error").inc()
+
+        flusher = asyncio.create_task(usage.run(settings.usage.flush_interval_s, flushed))
         try:
             yield
         finally:
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
             await upstream.aclose()
             await store.aclose()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", _healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/admin/usage", admin_usage, methods=["GET"]),
             # Every other path and method goes to the handler, which answers 404/405 itself.
             Mount("", app=request_response(handler.handle)),
         ],
@@ -69,15 +107,37 @@ def create_app(
         },
         lifespan=lifespan,
     )
+    return AccessMiddleware(
+        app,
+        [log_access, metrics.observe, usage.add],
+        on_start=metrics.in_flight.inc,
+        on_end=metrics.in_flight.dec,
+    )
+
+
+def _date_param(request: Request, name: str, default: date) -> date:
+    value = request.query_params.get(name)
+    if value is None:
+        return default
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequestError(f"{name}: expected a date as YYYY-MM-DD.") from None
 
 
 async def _healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+def _request_id(request: Request) -> str:
+    """The id the access middleware gave this request, so the log and the answer agree."""
+    request_id: str = getattr(request.state, "request_id", None) or new_request_id()
+    return request_id
+
+
 async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    response = error_response(exc.status_code, exc.error_type, exc.message, new_request_id())
+    response = error_response(exc.status_code, exc.error_type, exc.message, _request_id(request))
     response.headers.update(exc.headers)
     return response
 
@@ -90,4 +150,4 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _render_unexpected(request: Request, exc: Exception) -> Response:
     """A bug of ours: the client still gets the envelope, never a traceback."""
-    return error_response(500, "api_error", "Internal error in files-proxy.", new_request_id())
+    return error_response(500, "api_error", "Internal error in files-proxy.", _request_id(request))

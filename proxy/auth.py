@@ -8,6 +8,7 @@ the digest of a key they chose, which gives nothing towards a configured key.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -34,29 +35,43 @@ class Authenticator:
 
     def authenticate(self, headers: Headers) -> Caller:
         """The caller for these headers; AuthenticationError when missing, malformed or unknown."""
-        presented: set[str] = set()
-        forms: set[str] = set()
-        for value in headers.getlist("x-api-key"):
-            presented.add(value.strip())
-            forms.add("x-api-key")
-        for value in headers.getlist("authorization"):
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() != "bearer":
-                raise AuthenticationError(
-                    "Authorization must use the Bearer scheme: `Authorization: Bearer <key>`."
-                )
-            presented.add(token.strip())
-            forms.add("authorization")
-        if not presented:
-            raise AuthenticationError(
-                "Missing API key: send `x-api-key: <key>` or `Authorization: Bearer <key>`."
-            )
-        if len(presented) > 1:
-            raise AuthenticationError("Two different API keys were sent; send exactly one.")
-        key = presented.pop()
-        if not key or len(key) > _MAX_KEY_LENGTH or not key.isascii() or not key.isprintable() or " " in key:
-            raise AuthenticationError("Malformed API key.")
+        key, forms = presented_key(headers)
         tenant = self._tenants_by_hash.get(hashlib.sha256(key.encode()).hexdigest())
         if tenant is None:
             raise AuthenticationError("Invalid API key for this proxy.")
-        return Caller(tenant=tenant, key_headers=frozenset(forms))
+        return Caller(tenant=tenant, key_headers=forms)
+
+
+def check_admin(headers: Headers, key_sha256: str | None) -> None:
+    """Admit the admin key only; with none configured, nobody is admitted."""
+    key, _ = presented_key(headers)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    if key_sha256 is None or not hmac.compare_digest(digest, key_sha256):
+        raise AuthenticationError("Invalid admin key.")
+
+
+def presented_key(headers: Headers) -> tuple[str, frozenset[str]]:
+    """The one key a request presents and the header forms it came in; AuthenticationError if unusable."""
+    presented: set[str] = set()
+    forms: set[str] = set()
+    for value in headers.getlist("x-api-key"):
+        presented.add(value.strip())
+        forms.add("x-api-key")
+    for value in headers.getlist("authorization"):
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise AuthenticationError(
+                "Authorization must use the Bearer scheme: `Authorization: Bearer <key>`."
+            )
+        presented.add(token.strip())
+        forms.add("authorization")
+    if not presented:
+        raise AuthenticationError(
+            "Missing API key: send `x-api-key: <key>` or `Authorization: Bearer <key>`."
+        )
+    if len(presented) > 1:
+        raise AuthenticationError("Two different API keys were sent; send exactly one.")
+    key = presented.pop()
+    if not key or len(key) > _MAX_KEY_LENGTH or not key.isascii() or not key.isprintable() or " " in key:
+        raise AuthenticationError("Malformed API key.")
+    return key, frozenset(forms)

@@ -115,7 +115,14 @@ class Delete:
     key: str
 
 
-Write = HashSet | Put | Expire | Bump | Delete
+@dataclass(frozen=True, slots=True)
+class HashIncrement:
+    key: str
+    field: str
+    amount: int
+
+
+Write = HashSet | Put | Expire | Bump | Delete | HashIncrement
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,21 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import signal
 import socket
 import sys
 from collections.abc import Iterator, Sequence
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import uvicorn
 from pydantic import HttpUrl
 from starlette.types import ASGIApp
 
+from proxy.access import start_access_log
 from proxy.app import create_app
 from proxy.config import ConfigError, Settings, Tenant, UpstreamConfig, hash_key, load_settings
 from proxy.simulator import Simulator
+from proxy.store import open_store
+from proxy.usage import COUNTERS, UsageRow, read_usage
 
 _DEMO_SNIPPET = """\
     import anthropic
@@ -64,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--latency-ms", default=0.0, type=float)
     simulate.set_defaults(command=_simulate)
 
+    usage = commands.add_parser("usage", help="print usage per workspace and tenant from the shared store")
+    usage.add_argument("--config", required=True, type=Path)
+    usage.add_argument(
+        "--since", type=date.fromisoformat, help="first UTC day, YYYY-MM-DD (default: 1st of month)"
+    )
+    usage.add_argument("--until", type=date.fromisoformat, help="last UTC day, YYYY-MM-DD (default: today)")
+    usage.add_argument("--workspace")
+    usage.add_argument("--json", action="store_true", help="print JSON, as GET /admin/usage does")
+    usage.set_defaults(command=_usage)
+
     demo = commands.add_parser("demo", help="run the simulator and a proxy in front of it, for a first try")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", default=8080, type=int)
@@ -73,7 +88,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    asyncio.run(_run_servers([(create_app(settings), _bind(args.host, args.port))], args.log_level))
+    access_log = start_access_log()
+    try:
+        asyncio.run(_run_servers([(create_app(settings), _bind(args.host, args.port))], args.log_level))
+    finally:
+        access_log.stop()
     return 0
 
 
@@ -129,9 +148,50 @@ def _demo(args: argparse.Namespace) -> int:
         f"Ctrl-C stops it.",
         flush=True,
     )
-    servers = [(simulator.app, simulator_listener), (create_app(settings), proxy_listener)]
+    servers: list[tuple[ASGIApp, socket.socket]] = [
+        (simulator.app, simulator_listener),
+        (create_app(settings), proxy_listener),
+    ]
     asyncio.run(_run_servers(servers, "warning" if args.log_level == "info" else args.log_level))
     return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config, with_secrets=False)
+    if settings.cache.url == "memory://":
+        print(
+            "files-proxy: usage: cache.url is memory://, so each proxy keeps its own counters;"
+            " ask a running proxy with GET /admin/usage, or use a shared Redis",
+            file=sys.stderr,
+        )
+        return 2
+    today = datetime.now(UTC).date()
+    since, until = args.since or today.replace(day=1), args.until or today
+    rows = asyncio.run(_read_usage(settings.cache.url, since, until, args.workspace))
+    if args.json:
+        body = {
+            "since": since.isoformat(),
+            "until": until.isoformat(),
+            "counters": list(COUNTERS),
+            "rows": [{"workspace": r.workspace, "tenant": r.tenant, **r.counts} for r in rows],
+        }
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"Usage from {since} to {until} (UTC days, both included)")
+    table = [["workspace", "tenant", *COUNTERS]]
+    table += [[r.workspace, r.tenant, *(str(r.counts[c]) for c in COUNTERS)] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+async def _read_usage(url: str, since: date, until: date, workspace: str | None) -> list[UsageRow]:
+    store = open_store(url, timeout_s=5.0)
+    try:
+        return await read_usage(store, since, until, workspace)
+    finally:
+        await store.aclose()
 
 
 class _Server(uvicorn.Server):

@@ -66,6 +66,8 @@ class _TenantFile(_Section):
     api_key_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None
     api_key_file: Path | None = None
     client_key_sha256: Annotated[list[Annotated[str, Field(pattern=_SHA256_HEX)]], Field(min_length=1)]
+    rate_limit_per_minute: Annotated[int, Field(ge=1)] | None = None
+    rate_limit_burst: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("client_key_sha256")
     @classmethod
@@ -73,11 +75,31 @@ class _TenantFile(_Section):
         return [h.lower() for h in hashes]
 
 
+class AdminConfig(_Section):
+    # sha256 of the admin key for /admin/*; without it the admin endpoints always answer 401.
+    key_sha256: Annotated[str, Field(pattern=_SHA256_HEX)] | None = None
+
+
+class UsageConfig(_Section):
+    # Usage counters are added up in process and written to the store this often (one round trip).
+    flush_interval_s: Annotated[float, Field(gt=0)] = 2.0
+
+
 class _ConfigFile(_Section):
     upstream: UpstreamConfig = UpstreamConfig()
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    admin: AdminConfig = AdminConfig()
+    usage: UsageConfig = UsageConfig()
     tenants: Annotated[list[_TenantFile], Field(min_length=1)]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """Requests a tenant may make: `per_minute` on average, up to `burst` at once."""
+
+    per_minute: int
+    burst: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +110,7 @@ class Tenant:
     workspace: str
     client_key_hashes: frozenset[str]
     api_key: str = field(repr=False)
+    rate_limit: RateLimit | None = None
 
     @property
     def cache_scope(self) -> str:
@@ -101,6 +124,8 @@ class Settings:
     upstream: UpstreamConfig = UpstreamConfig()
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    admin: AdminConfig = AdminConfig()
+    usage: UsageConfig = UsageConfig()
 
 
 def hash_key(key: str) -> str:
@@ -108,8 +133,13 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def load_settings(path: Path, environ: Mapping[str, str] = os.environ) -> Settings:
-    """Read, validate and resolve a config file; raise ConfigError with one line on any problem."""
+def load_settings(
+    path: Path, environ: Mapping[str, str] = os.environ, *, with_secrets: bool = True
+) -> Settings:
+    """Read, validate and resolve a config file; raise ConfigError with one line on any problem.
+
+    `with_secrets=False` leaves every tenant's Anthropic key empty, for tools that only read usage.
+    """
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -123,11 +153,18 @@ def load_settings(path: Path, environ: Mapping[str, str] = os.environ) -> Settin
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc)}") from exc
     try:
-        tenants = tuple(_resolve_tenant(t, path.parent, environ) for t in parsed.tenants)
+        tenants = tuple(_resolve_tenant(t, path.parent, environ, with_secrets) for t in parsed.tenants)
         _check_unique(tenants)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return Settings(tenants=tenants, upstream=parsed.upstream, cache=parsed.cache, limits=parsed.limits)
+    return Settings(
+        tenants=tenants,
+        upstream=parsed.upstream,
+        cache=parsed.cache,
+        limits=parsed.limits,
+        admin=parsed.admin,
+        usage=parsed.usage,
+    )
 
 
 def _describe(exc: ValidationError) -> str:
@@ -146,10 +183,14 @@ def _describe(exc: ValidationError) -> str:
     return f"{where}: {error['msg']}{shown}"
 
 
-def _resolve_tenant(tenant: _TenantFile, base: Path, environ: Mapping[str, str]) -> Tenant:
+def _resolve_tenant(
+    tenant: _TenantFile, base: Path, environ: Mapping[str, str], with_secrets: bool
+) -> Tenant:
     if (tenant.api_key_env is None) == (tenant.api_key_file is None):
         raise ConfigError(f"tenant {tenant.name!r}: set exactly one of api_key_env or api_key_file")
-    if tenant.api_key_env is not None:
+    if not with_secrets:
+        api_key = ""
+    elif tenant.api_key_env is not None:
         api_key = environ.get(tenant.api_key_env, "").strip()
         if not api_key:
             raise ConfigError(
@@ -169,11 +210,18 @@ def _resolve_tenant(tenant: _TenantFile, base: Path, environ: Mapping[str, str])
             raise ConfigError(f"tenant {tenant.name!r}: api_key_file {key_path} is not UTF-8 text") from exc
         if not api_key:
             raise ConfigError(f"tenant {tenant.name!r}: api_key_file {key_path} is empty")
+    if tenant.rate_limit_burst is not None and tenant.rate_limit_per_minute is None:
+        raise ConfigError(f"tenant {tenant.name!r}: rate_limit_burst needs rate_limit_per_minute")
+    rate_limit = None
+    if tenant.rate_limit_per_minute is not None:
+        burst = tenant.rate_limit_burst or max(1, tenant.rate_limit_per_minute // 6)
+        rate_limit = RateLimit(per_minute=tenant.rate_limit_per_minute, burst=burst)
     return Tenant(
         name=tenant.name,
         workspace=tenant.workspace,
         client_key_hashes=frozenset(tenant.client_key_sha256),
         api_key=api_key,
+        rate_limit=rate_limit,
     )
 
 

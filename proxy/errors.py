@@ -6,6 +6,7 @@
     ├── NotFoundError              404 not_found_error
     ├── MethodNotAllowedError      405 invalid_request_error
     ├── RequestTooLargeError       413 request_too_large
+    ├── RateLimitedError           429 rate_limit_error
     └── UpstreamError
         ├── UpstreamUnavailableError   502 api_error
         └── UpstreamTimeoutError       504 timeout_error
@@ -54,6 +55,11 @@ class MethodNotAllowedError(ProxyError):
 class RequestTooLargeError(ProxyError):
     status_code = 413
     error_type = "request_too_large"
+
+
+class RateLimitedError(ProxyError):
+    status_code = 429
+    error_type = "rate_limit_error"
 
 
 class UpstreamError(ProxyError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.requests import Request
@@ -12,6 +13,7 @@ from proxy.cache import METHOD_STATUS, Entry, target_for
 from proxy.caching import Answer, ResponseCache
 from proxy.config import Settings
 from proxy.errors import InvalidRequestError, RequestTooLargeError
+from proxy.ratelimit import RateLimiter
 from proxy.responses import UpstreamStreamResponse, answer_response
 from proxy.routes import Operation, resolve
 from proxy.upstream import UpstreamClient, UpstreamReply, end_to_end
@@ -21,17 +23,27 @@ _MAX_JSON_ANSWER = 32 * 1024 * 1024
 
 
 class FilesHandler:
-    def __init__(self, settings: Settings, upstream: UpstreamClient, cache: ResponseCache) -> None:
+    def __init__(
+        self, settings: Settings, upstream: UpstreamClient, cache: ResponseCache, rate_limiter: RateLimiter
+    ) -> None:
         self._authenticator = Authenticator(settings.tenants)
         self._upstream = upstream
         self._cache = cache
+        self._rate_limiter = rate_limiter
         self._max_upload_bytes = settings.limits.max_upload_bytes
 
     async def handle(self, request: Request) -> Response:
-        """Answer one request to any path; only the five Files routes ever reach upstream."""
+        """Answer one request to any path; only the five Files routes ever reach upstream.
+
+        What the access record needs and only this handler knows goes into `request.state`.
+        """
+        notes = request.state
         caller = self._authenticator.authenticate(request.headers)
+        notes.tenant, notes.workspace = caller.tenant.name, caller.tenant.workspace
         match = resolve(request.method, request.scope.get("raw_path") or request.url.path.encode())
         operation = match.operation
+        notes.route, notes.file_id = operation.template, match.file_id
+        await self._rate_limiter.check(caller.tenant)
         target = target_for(
             operation,
             caller.tenant.cache_scope,
@@ -43,10 +55,13 @@ class FilesHandler:
         )
         headers = _upstream_headers(request, caller)
 
-        def send(body: AsyncIterator[bytes] | None = None) -> Awaitable[UpstreamReply]:
-            return self._upstream.send(
-                operation.method, match.upstream_path, request.scope["query_string"], headers, body
-            )
+        async def send(body: AsyncIterator[bytes] | None = None) -> UpstreamReply:
+            started = time.perf_counter()
+            try:
+                path, query = match.upstream_path, request.scope["query_string"]
+                return await self._upstream.send(operation.method, path, query, headers, body)
+            finally:
+                notes.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
 
         if operation is Operation.DOWNLOAD:
             return UpstreamStreamResponse(await send(), extra_headers=[("cache-status", METHOD_STATUS)])

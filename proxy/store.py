@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import fakeredis
@@ -20,7 +20,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from proxy.cache import Bump, Delete, Expire, HashSet, Put, Write
+from proxy.cache import Bump, Delete, Expire, HashIncrement, HashSet, Put, Write
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class RedisStore:
         self._client = client
         self._timeout_s = timeout_s
         self.breaker = breaker or CircuitBreaker()
+        # Told "ok", "error" or "skipped" after every call, for metrics.
+        self.on_call: Callable[[str], None] = lambda outcome: None
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         values: list[bytes | None] = await self._call(lambda: self._client.mget(keys))
@@ -78,10 +80,23 @@ class RedisStore:
         values: list[bytes | None] = await self._call(lambda: self._client.hmget(key, list(fields)))
         return values
 
+    async def hgetall(self, key: str) -> dict[bytes, bytes]:
+        values: dict[bytes, bytes] = await self._call(lambda: self._client.hgetall(key))
+        return values
+
     async def write(self, writes: Sequence[Write]) -> None:
         """Apply the writes in order, in one round trip (not atomic: each write is safe alone)."""
         if writes:
             await self._call(lambda: self._pipeline(writes).execute())
+
+    def script(self, lua: str) -> Callable[[Sequence[str], Sequence[int | str]], Awaitable[Any]]:
+        """A Lua script to run atomically in the store (EVALSHA, loaded on first use)."""
+        registered = self._client.register_script(lua)
+
+        async def run(keys: Sequence[str], args: Sequence[int | str]) -> Any:
+            return await self._call(lambda: registered(keys=list(keys), args=list(args)))
+
+        return run
 
     async def ping(self) -> bool:
         try:
@@ -107,19 +122,24 @@ class RedisStore:
                     pipe.incr(key)
                 case Delete(key):
                     pipe.delete(key)
+                case HashIncrement(key, field, amount):
+                    pipe.hincrby(key, field, amount)
         return pipe
 
     async def _call(self, operation: Callable[[], Any]) -> Any:
         """Run one store call under the breaker and the timeout, translating every failure."""
         if not self.breaker.allows_call():
+            self.on_call("skipped")
             raise CacheUnavailableError("circuit open")
         try:
             async with asyncio.timeout(self._timeout_s):
                 value = await operation()
         except (RedisError, OSError, TimeoutError) as exc:
             self.breaker.failed()
+            self.on_call("error")
             raise CacheUnavailableError(type(exc).__name__) from exc
         self.breaker.succeeded()
+        self.on_call("ok")
         return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,7 +14,34 @@ from pydantic import HttpUrl
 from proxy.app import create_app
 from proxy.config import CacheConfig, LimitsConfig, Settings, UpstreamConfig
 from proxy.simulator import Simulator
-from tests.support import ALPHA, BRAVO, RedisServer, Served, free_port
+from tests.support import ALL_SECRETS, ALPHA, BRAVO, WATCH, RedisServer, Served, free_port
+
+
+class _WatchHandler(logging.Handler):
+    """Collects what the proxy and the libraries under it log (the SDK and test clients are not it)."""
+
+    _PROXY_SIDE = ("proxy", "files_proxy", "uvicorn", "starlette", "httpx", "httpcore", "redis", "fakeredis")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.split(".")[0] in self._PROXY_SIDE:
+            WATCH.feed(self.format(record))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_output() -> Iterator[None]:
+    """Every log record of the whole run (access lines, errors, tracebacks) and every subprocess's
+    output fed to WATCH are searched for the test tenants' keys once the run is over."""
+    handler = _WatchHandler(level=logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous_level = root.level
+    root.setLevel(logging.DEBUG)
+    yield
+    root.removeHandler(handler)
+    root.setLevel(previous_level)
+    assert WATCH.chunks, "the secret scan saw no output at all"
+    assert WATCH.leaks(ALL_SECRETS) == [], "a key appeared in the proxy's output"
 
 
 @pytest.fixture

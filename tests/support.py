@@ -145,3 +145,20 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
+
+
+class OutputWatch:
+    """Everything the proxy wrote during the test run, to be searched for secrets at the end."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+
+    def feed(self, text: str) -> None:
+        self.chunks.append(text)
+
+    def leaks(self, secrets: tuple[str, ...]) -> list[str]:
+        everything = "\n".join(self.chunks)
+        return [secret for secret in secrets if secret in everything]
+
+
+WATCH = OutputWatch()

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.support import free_port
+from tests.support import WATCH, free_port
 
 FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
 
@@ -43,8 +43,11 @@ def _read_until(process: subprocess.Popen[str], marker: str) -> str:
 
 
 def _interrupt(process: subprocess.Popen[str]) -> int:
+    """Ctrl-C; everything the process printed after that goes to the secret scan."""
     process.send_signal(signal.SIGINT)
-    return process.wait(timeout=15)
+    stdout, stderr = process.communicate(timeout=15)
+    WATCH.feed(stdout + stderr)
+    return process.returncode
 
 
 @pytest.fixture

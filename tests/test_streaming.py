@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from proxy.simulator import Simulator
-from tests.support import ALPHA, BRAVO, free_port
+from tests.support import ALPHA, BRAVO, WATCH, free_port
 
 SIZE = 200 * 1024 * 1024
 MEMORY_BOUND = 64 * 1024 * 1024
@@ -68,8 +68,10 @@ def proxy_process(simulator_url: str, tmp_path: Path) -> Iterator[tuple[str, int
     )
     port = free_port()
     env = {**os.environ, "KEY_ALPHA": ALPHA.upstream_key, "KEY_BRAVO": BRAVO.upstream_key}
-    command = [str(Path(sys.executable).parent / "files-proxy"), "--log-level", "warning", "serve"]
-    process = subprocess.Popen([*command, "--config", str(config), "--port", str(port)], env=env)
+    command = [str(Path(sys.executable).parent / "files-proxy"), "serve", "--config", str(config)]
+    output = tmp_path / "proxy.out"
+    with output.open("w") as sink:
+        process = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=sink, stderr=sink)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(url)
@@ -79,6 +81,7 @@ def proxy_process(simulator_url: str, tmp_path: Path) -> Iterator[tuple[str, int
     finally:
         process.terminate()
         process.wait(timeout=10)
+        WATCH.feed(output.read_text())
 
 
 def _wait_until_up(url: str) -> None:

@@ -1,0 +1,172 @@
+"""One record per request: measured by an ASGI middleware around the whole app, then written as a
+JSON access line and handed to metrics and usage.
+
+The middleware sees the bytes really received and sent (streamed bodies included) and the final
+status; the handler adds what only it knows (tenant, route, file id, upstream time) through
+`request.state`. Access lines go through a queue to a thread that writes stdout, so the event
+loop never blocks on the terminal or a log pipe. No header value but the user agent and the client's
+own request id is ever logged, so no key or token can reach a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import queue
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from proxy.errors import new_request_id
+
+access_logger = logging.getLogger("files_proxy.access")
+
+_UNRECORDED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_MAX_CLIENT_VALUE = 200
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    ts: str
+    request_id: str
+    upstream_request_id: str | None
+    client_request_id: str | None
+    tenant: str | None
+    workspace: str | None
+    method: str
+    route: str | None
+    file_id: str | None
+    status: int
+    cache: str
+    bytes_in: int
+    bytes_out: int
+    duration_ms: float
+    upstream_ms: float | None
+    user_agent: str | None
+
+    def json_line(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+
+Sink = Callable[[RequestRecord], None]
+
+
+class AccessMiddleware:
+    """Gives every request an id (and a `request-id` header if it has none) and records it."""
+
+    def __init__(
+        self, app: ASGIApp, sinks: list[Sink], *, on_start: Callable[[], None], on_end: Callable[[], None]
+    ):
+        self._app = app
+        self._sinks = sinks
+        self._on_start = on_start
+        self._on_end = on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _UNRECORDED_PATHS:
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = new_request_id()
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        sizes = {"in": 0, "out": 0}
+        response: dict[str, Any] = {"status": 500, "request_id": None, "cache_status": ""}
+
+        async def counting_receive() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                sizes["in"] += len(message.get("body", b""))
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                for name, value in headers:
+                    if name == b"request-id":
+                        response["request_id"] = value.decode("latin-1")
+                    elif name == b"cache-status":
+                        response["cache_status"] = value.decode("latin-1")
+                if response["request_id"] is None:
+                    headers.append((b"request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sizes["out"] += len(message.get("body", b""))
+            await send(message)
+
+        self._on_start()
+        try:
+            await self._app(scope, counting_receive, tagging_send)
+        finally:
+            self._on_end()
+            record = _record(scope, state, request_id, response, sizes, started)
+            for sink in self._sinks:
+                sink(record)
+
+
+def _record(
+    scope: Scope,
+    state: dict[str, Any],
+    request_id: str,
+    response: dict[str, Any],
+    sizes: dict[str, int],
+    started: float,
+) -> RequestRecord:
+    headers = {name: value for name, value in scope["headers"] if name in (b"user-agent", b"x-request-id")}
+    upstream_request_id = response["request_id"] if response["request_id"] != request_id else None
+    return RequestRecord(
+        ts=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        request_id=request_id,
+        upstream_request_id=upstream_request_id,
+        client_request_id=_client_value(headers.get(b"x-request-id")),
+        tenant=state.get("tenant"),
+        workspace=state.get("workspace"),
+        method=scope["method"],
+        route=state.get("route"),
+        file_id=state.get("file_id"),
+        status=response["status"],
+        cache=cache_result(response["cache_status"]),
+        bytes_in=sizes["in"],
+        bytes_out=sizes["out"],
+        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        upstream_ms=state.get("upstream_ms"),
+        user_agent=_client_value(headers.get(b"user-agent")),
+    )
+
+
+def cache_result(cache_status: str) -> str:
+    """The `cache` field of a record, from the response's `Cache-Status` header."""
+    if "; hit" in cache_status:
+        return "hit"
+    for marker, result in (("fwd=stale", "stale"), ("fwd=bypass", "bypass"), ("fwd=uri-miss", "miss")):
+        if marker in cache_status:
+            return result
+    return "miss" if "fwd=request" in cache_status else "none"
+
+
+def _client_value(raw: bytes | None) -> str | None:
+    """A client-chosen header value, bounded so a huge one cannot bloat every log line."""
+    return None if raw is None else raw.decode("latin-1")[:_MAX_CLIENT_VALUE]
+
+
+def log_access(record: RequestRecord) -> None:
+    access_logger.info(record.json_line())
+
+
+def start_access_log() -> logging.handlers.QueueListener:
+    """Send access lines to stdout from a thread; stop the returned listener to flush at exit."""
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    stdout = logging.StreamHandler(sys.stdout)
+    stdout.setFormatter(logging.Formatter("%(message)s"))
+    access_logger.addHandler(logging.handlers.QueueHandler(lines))
+    access_logger.propagate = False
+    listener = logging.handlers.QueueListener(lines, stdout)
+    listener.start()
+    return listener

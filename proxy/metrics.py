@@ -1,0 +1,103 @@
+"""Prometheus metrics, one registry per app (no global state), with bounded labels.
+
+Workspace and tenant come from config, route from the route table, method and status are
+collapsed to a few values: nothing a client sends can create a new time series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from proxy.access import RequestRecord
+
+_METHODS = frozenset({"GET", "POST", "DELETE"})
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self, cache_available: Callable[[], bool]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "files_proxy_requests",
+            "Requests answered, by workspace, tenant, route template, method, status class and cache result.",
+            ["workspace", "tenant", "route", "method", "status_class", "cache"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "files_proxy_request_duration_seconds",
+            "Time from request start to the last response byte.",
+            ["route", "cache"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_seconds = Histogram(
+            "files_proxy_upstream_duration_seconds",
+            "Time from sending a request upstream to its response headers.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.bytes_in = Counter(
+            "files_proxy_bytes_in", "Request body bytes received.", ["workspace"], registry=self.registry
+        )
+        self.bytes_out = Counter(
+            "files_proxy_bytes_out", "Response body bytes sent.", ["workspace"], registry=self.registry
+        )
+        self.in_flight = Gauge(
+            "files_proxy_in_flight_requests", "Requests being answered.", registry=self.registry
+        )
+        self.cache_operations = Counter(
+            "files_proxy_cache_operations",
+            "Calls to the cache store, by outcome (ok, error, skipped while the breaker is open).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        available = Gauge(
+            "files_proxy_cache_available",
+            "1 while the cache store is in use, 0 while it is skipped.",
+            registry=self.registry,
+        )
+        available.set_function(lambda: 1.0 if cache_available() else 0.0)
+        self.usage_flushes = Counter(
+            "files_proxy_usage_flushes",
+            "Writes of usage counters to the store, by outcome (a failed one is retried).",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def observe(self, record: RequestRecord) -> None:
+        workspace = record.workspace or "none"
+        route = record.route or "other"
+        method = record.method if record.method in _METHODS else "other"
+        status_class = f"{record.status // 100}xx"
+        self.requests.labels(
+            workspace, record.tenant or "none", route, method, status_class, record.cache
+        ).inc()
+        self.request_seconds.labels(route, record.cache).observe(record.duration_ms / 1000)
+        if record.upstream_ms is not None:
+            self.upstream_seconds.labels(route).observe(record.upstream_ms / 1000)
+        self.bytes_in.labels(workspace).inc(record.bytes_in)
+        self.bytes_out.labels(workspace).inc(record.bytes_out)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,121 @@
+"""Usage per workspace and tenant per UTC day, for chargeback and capacity.
+
+Requests only add to counters in process; a background task writes them to the store every
+`usage.flush_interval_s` in one pipeline (HINCRBY), so no request waits on a store round trip. A
+failed write keeps its counts for the next one, and every replica adds into the same hashes, so
+the totals are the sum across replicas. One hash per day: `fp:usage:{YYYY-MM-DD}`, fields
+`<workspace>|<tenant>|<counter>` (names cannot contain `|`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+from proxy.access import RequestRecord
+from proxy.cache import Expire, HashIncrement, Write
+from proxy.store import CacheUnavailableError, RedisStore
+
+logger = logging.getLogger(__name__)
+
+COUNTERS = (
+    "requests",
+    "uploads",
+    "upload_bytes",
+    "downloads",
+    "download_bytes",
+    "deletes",
+    "cache_hits",
+    "errors",
+)
+_KEEP_DAYS = 400
+_UPLOAD, _DOWNLOAD, _ITEM = "/v1/files", "/v1/files/{file_id}/content", "/v1/files/{file_id}"
+
+
+@dataclass
+class UsageRow:
+    workspace: str
+    tenant: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+
+
+def counts_for(record: RequestRecord) -> dict[str, int]:
+    """What one request adds to its tenant's counters."""
+    ok = record.status == 200
+    counts = {"requests": 1, "errors": int(record.status >= 400), "cache_hits": int(record.cache == "hit")}
+    if ok and record.method == "POST" and record.route == _UPLOAD:
+        counts |= {"uploads": 1, "upload_bytes": record.bytes_in}
+    elif ok and record.route == _DOWNLOAD:
+        counts |= {"downloads": 1, "download_bytes": record.bytes_out}
+    elif ok and record.method == "DELETE" and record.route == _ITEM:
+        counts["deletes"] = 1
+    return counts
+
+
+def _day_key(day: date) -> str:
+    return f"fp:usage:{{{day.isoformat()}}}"
+
+
+class UsageCounter:
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._pending: Counter[tuple[str, str]] = Counter()  # (day key, field) -> amount
+
+    def add(self, record: RequestRecord) -> None:
+        """Count a finished request (unauthenticated ones have no workspace and are not counted)."""
+        if record.tenant is None or record.workspace is None:
+            return
+        key = _day_key(date.fromisoformat(record.ts[:10]))
+        for counter, amount in counts_for(record).items():
+            if amount:
+                self._pending[(key, f"{record.workspace}|{record.tenant}|{counter}")] += amount
+
+    async def flush(self) -> bool:
+        """Write what was counted since the last flush; on failure keep it for the next one."""
+        if not self._pending:
+            return True
+        taken, self._pending = self._pending, Counter()
+        writes: list[Write] = [HashIncrement(key, name, amount) for (key, name), amount in taken.items()]
+        writes += [Expire(key, _KEEP_DAYS * 86400) for key in {key for key, _ in taken}]
+        try:
+            await self._store.write(writes)
+        except CacheUnavailableError:
+            self._pending.update(taken)
+            return False
+        return True
+
+    async def run(self, interval_s: float, on_flush: Callable[[bool], None]) -> None:
+        """Flush every `interval_s` until cancelled, then once more."""
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                on_flush(await self.flush())
+        finally:
+            if not await self.flush():
+                logger.error("usage counters could not be written at shutdown: %s", dict(self._pending))
+
+
+async def read_usage(
+    store: RedisStore, since: date, until: date, workspace: str | None = None
+) -> list[UsageRow]:
+    """Totals per workspace and tenant over the days from `since` to `until`, both included."""
+    rows: dict[tuple[str, str], UsageRow] = {}
+    for day in _days(since, until):
+        for raw_field, raw_amount in (await store.hgetall(_day_key(day))).items():
+            row_workspace, tenant, counter = raw_field.decode().split("|")
+            if workspace is not None and row_workspace != workspace:
+                continue
+            row = rows.setdefault((row_workspace, tenant), UsageRow(row_workspace, tenant))
+            row.counts[counter] = row.counts.get(counter, 0) + int(raw_amount)
+    return [rows[key] for key in sorted(rows)]
+
+
+def _days(since: date, until: date) -> Iterator[date]:
+    day = since
+    while day <= until:
+        yield day
+        day += timedelta(days=1)

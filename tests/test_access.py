@@ -1,0 +1,316 @@
+"""Access lines, /metrics and usage for a mix of requests from two tenants, through a real socket."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import HttpUrl
+
+from proxy.app import create_app
+from proxy.config import AdminConfig, CacheConfig, RateLimit, Settings, UpstreamConfig, UsageConfig
+from proxy.simulator import Simulator
+from tests.support import ALL_SECRETS, ALPHA, BRAVO, WATCH, RedisServer, Served, free_port
+
+FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
+ADMIN_KEY = "fp-admin-test-3f9a"
+FIELDS = {
+    "ts",
+    "request_id",
+    "upstream_request_id",
+    "client_request_id",
+    "tenant",
+    "workspace",
+    "method",
+    "route",
+    "file_id",
+    "status",
+    "cache",
+    "bytes_in",
+    "bytes_out",
+    "duration_ms",
+    "upstream_ms",
+    "user_agent",
+}
+
+
+def _headers(team_key: str = ALPHA.proxy_key) -> dict[str, str]:
+    return {"x-api-key": team_key, "anthropic-version": "2026-10-21", "user-agent": "test-agent/1"}
+
+
+def _settings(simulator_url: str, redis_url: str, **tenant_changes: Any) -> Settings:
+    return Settings(
+        tenants=(dataclasses.replace(ALPHA.tenant(), **tenant_changes), BRAVO.tenant()),
+        upstream=UpstreamConfig(base_url=HttpUrl(simulator_url)),
+        cache=CacheConfig(url=redis_url),
+        admin=AdminConfig(key_sha256=hashlib.sha256(ADMIN_KEY.encode()).hexdigest()),
+        usage=UsageConfig(flush_interval_s=0.1),
+    )
+
+
+def _config_file(tmp_path: Path, simulator_url: str, redis_url: str) -> Path:
+    """The same proxy as a TOML file, for `files-proxy serve` and `files-proxy usage`."""
+    admin_hash = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
+    tenants = ""
+    for team in (ALPHA, BRAVO):
+        key_hash = hashlib.sha256(team.proxy_key.encode()).hexdigest()
+        tenants += (
+            f'[[tenants]]\nname = "{team.name}"\nworkspace = "{team.workspace}"\n'
+            f'api_key_env = "KEY_{team.name.upper()}"\nclient_key_sha256 = ["{key_hash}"]\n\n'
+        )
+    path = tmp_path / "proxy.toml"
+    path.write_text(
+        f'[upstream]\nbase_url = "{simulator_url}"\n\n[cache]\nurl = "{redis_url}"\n\n'
+        f'[usage]\nflush_interval_s = 0.1\n\n[admin]\nkey_sha256 = "{admin_hash}"\n\n{tenants}'
+    )
+    return path
+
+
+@pytest.fixture
+def access_lines(caplog: pytest.LogCaptureFixture) -> Callable[[int], list[dict[str, Any]]]:
+    """Wait for n access lines (they are written just after the last byte is sent) and parse them."""
+    caplog.set_level(logging.INFO, logger="files_proxy.access")
+
+    def lines(count: int) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + 5
+        while True:
+            found = [json.loads(r.getMessage()) for r in caplog.records if r.name == "files_proxy.access"]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.01)
+
+    return lines
+
+
+def _usage_cli(config: Path, *extra: str) -> dict[str, Any]:
+    result = subprocess.run(
+        [FILES_PROXY, "usage", "--config", str(config), "--json", *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    WATCH.feed(result.stdout + result.stderr)
+    parsed: dict[str, Any] = json.loads(result.stdout)
+    return parsed
+
+
+def _rows_by_workspace(usage: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["workspace"]: row for row in usage["rows"]}
+
+
+def test_a_mix_of_requests_is_logged_counted_in_metrics_and_in_usage(
+    simulator: Simulator,
+    simulator_url: str,
+    redis_server: RedisServer,
+    access_lines: Callable[[int], list[dict[str, Any]]],
+    tmp_path: Path,
+) -> None:
+    generated = simulator.add_file(ALPHA.upstream_key, filename="out.bin", size_bytes=5000)
+    with (
+        Served(create_app(_settings(simulator_url, redis_server.url))) as served,
+        httpx.Client(base_url=served.url) as client,
+    ):
+        upload = client.post(
+            "/v1/files", headers=_headers(), files={"file": ("a.txt", b"x" * 300, "text/plain")}
+        )
+        uploaded_id = upload.json()["id"]
+        responses = [
+            upload,
+            client.get("/v1/files", headers={**_headers(), "x-request-id": "trace-77"}),  # miss
+            client.get("/v1/files", headers=_headers()),  # hit
+            client.get(f"/v1/files/{uploaded_id}", headers=_headers()),  # hit: filled by the upload
+            client.get(f"/v1/files/{generated}/content", headers=_headers()),
+            client.delete(f"/v1/files/{uploaded_id}", headers=_headers()),
+            client.get("/v1/files", headers=_headers(BRAVO.proxy_key)),
+            client.get(f"/v1/files/{generated}", headers=_headers(BRAVO.proxy_key)),  # 404 for bravo
+            client.get("/v1/files", headers={"authorization": "Bearer fp-nobody"}),  # 401
+            client.get("/v1/messages", headers=_headers()),  # 404 from the proxy
+        ]
+        lines = access_lines(len(responses))
+        metrics_text = client.get("/metrics").text
+        time.sleep(0.3)  # two flush intervals
+        config = _config_file(tmp_path, simulator_url, redis_server.url)
+        usage = _usage_cli(config)
+
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 200, 200, 200, 404, 401, 404]
+    assert len(lines) == len(responses)
+    for line, response in zip(lines, responses, strict=True):
+        assert set(line) == FIELDS
+        assert line["status"] == response.status_code
+        assert line["bytes_out"] == len(response.content)
+        assert line["method"] == response.request.method
+        assert line["user_agent"] == "test-agent/1" or line["tenant"] is None
+        assert response.headers["request-id"] in (line["request_id"], line["upstream_request_id"])
+    expected = [
+        ("alpha", "alpha-prod", "/v1/files", "none", None),
+        ("alpha", "alpha-prod", "/v1/files", "miss", None),
+        ("alpha", "alpha-prod", "/v1/files", "hit", None),
+        ("alpha", "alpha-prod", "/v1/files/{file_id}", "hit", uploaded_id),
+        ("alpha", "alpha-prod", "/v1/files/{file_id}/content", "none", generated),
+        ("alpha", "alpha-prod", "/v1/files/{file_id}", "none", uploaded_id),
+        ("bravo", "bravo-prod", "/v1/files", "miss", None),
+        ("bravo", "bravo-prod", "/v1/files/{file_id}", "miss", generated),
+        (None, None, None, "none", None),
+        ("alpha", "alpha-prod", None, "none", None),
+    ]
+    assert [(x["tenant"], x["workspace"], x["route"], x["cache"], x["file_id"]) for x in lines] == expected
+    assert lines[0]["bytes_in"] == int(upload.request.headers["content-length"])
+    assert lines[4]["bytes_out"] == 5000
+    assert lines[1]["client_request_id"] == "trace-77"
+    assert lines[1]["upstream_ms"] is not None and lines[2]["upstream_ms"] is None
+    assert lines[8]["request_id"] == responses[8].headers["request-id"]  # the proxy's own id
+
+    samples = [s for family in text_string_to_metric_families(metrics_text) for s in family.samples]
+    requests = Counter[tuple[str, str]]()
+    for sample in samples:
+        if sample.name == "files_proxy_requests_total":
+            requests[(sample.labels["workspace"], sample.labels["cache"])] += int(sample.value)
+    logged = Counter((x["workspace"] or "none", x["cache"]) for x in lines)
+    assert requests == logged
+    [bytes_out] = [
+        s.value
+        for s in samples
+        if s.name == "files_proxy_bytes_out_total" and s.labels["workspace"] == "alpha-prod"
+    ]
+    assert bytes_out == sum(x["bytes_out"] for x in lines if x["workspace"] == "alpha-prod")
+
+    rows = _rows_by_workspace(usage)
+    assert set(rows) == {"alpha-prod", "bravo-prod"}
+    assert rows["alpha-prod"] | {"workspace": "alpha-prod"} == {
+        "workspace": "alpha-prod",
+        "tenant": "alpha",
+        "requests": 7,
+        "uploads": 1,
+        "upload_bytes": lines[0]["bytes_in"],
+        "downloads": 1,
+        "download_bytes": 5000,
+        "deletes": 1,
+        "cache_hits": 2,
+        "errors": 1,
+    }
+    assert (rows["bravo-prod"]["requests"], rows["bravo-prod"]["errors"]) == (2, 1)
+
+
+def test_no_key_reaches_a_log_line(
+    simulator_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with Served(create_app(_settings(simulator_url, redis_server.url))) as served:
+        for headers in (
+            _headers(),
+            {"authorization": f"Bearer {ALPHA.proxy_key}", "x-api-key": BRAVO.proxy_key},
+            {"authorization": f"Basic {ALPHA.proxy_key}"},
+            {"x-api-key": ALPHA.upstream_key},
+        ):
+            httpx.get(f"{served.url}/v1/files", headers=headers)
+            httpx.get(f"{served.url}/v1/files/..%2Fx", headers=headers)
+        time.sleep(0.2)
+    output = caplog.text
+    assert "files_proxy.access" in output or '"request_id"' in output
+    assert not [secret for secret in ALL_SECRETS if secret in output]
+
+
+@pytest.fixture
+def two_proxies(
+    simulator_url: str, redis_server: RedisServer, tmp_path: Path
+) -> Iterator[tuple[list[str], Path]]:
+    """Two `files-proxy serve` processes sharing one redis-server, as two replicas would."""
+    config = _config_file(tmp_path, simulator_url, redis_server.url)
+    env = {"KEY_ALPHA": ALPHA.upstream_key, "KEY_BRAVO": BRAVO.upstream_key, "PATH": "/usr/bin:/bin"}
+    ports = [free_port(), free_port()]
+    logs = [tmp_path / f"replica{i}.out" for i in range(2)]
+    processes = []
+    for port, log in zip(ports, logs, strict=True):
+        with log.open("w") as sink:
+            command = [FILES_PROXY, "serve", "--config", str(config), "--port", str(port)]
+            processes.append(subprocess.Popen(command, env=env, stdout=sink, stderr=sink))
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        for url in urls:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    httpx.get(f"{url}/healthz")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "replica did not start"
+                    time.sleep(0.05)
+        yield urls, config
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=10)
+        for log in logs:
+            WATCH.feed(log.read_text())
+
+
+def test_usage_is_summed_across_two_replicas_sharing_redis(two_proxies: tuple[list[str], Path]) -> None:
+    (first, second), config = two_proxies
+    for _ in range(3):
+        assert httpx.get(f"{first}/v1/files", headers=_headers()).status_code == 200
+    for _ in range(5):
+        assert httpx.get(f"{second}/v1/files", headers=_headers()).status_code == 200
+    assert httpx.get(f"{second}/v1/files", headers=_headers(BRAVO.proxy_key)).status_code == 200
+
+    admin = httpx.get(f"{first}/admin/usage", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    time.sleep(0.3)
+    usage = _usage_cli(config)
+
+    rows = _rows_by_workspace(usage)
+    assert (rows["alpha-prod"]["requests"], rows["bravo-prod"]["requests"]) == (8, 1)
+    # Only the very first list was a miss: the page it stored is a hit on both replicas.
+    assert rows["alpha-prod"]["cache_hits"] == 7
+    assert admin.status_code == 200
+    assert set(admin.json()["counters"]) <= set(rows["alpha-prod"])
+    assert _rows_by_workspace(_usage_cli(config, "--workspace", "bravo-prod")).keys() == {"bravo-prod"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({}, id="no-key"),
+        pytest.param({"authorization": f"Bearer {ALPHA.proxy_key}"}, id="a-team-key"),
+        pytest.param({"x-api-key": "fp-admin-wrong"}, id="wrong-key"),
+    ],
+)
+def test_admin_usage_needs_the_admin_key(
+    simulator_url: str, redis_server: RedisServer, headers: dict[str, str]
+) -> None:
+    with Served(create_app(_settings(simulator_url, redis_server.url))) as served:
+        response = httpx.get(f"{served.url}/admin/usage", headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_rate_limit_answers_429_before_upstream_and_spares_the_other_tenant(
+    simulator: Simulator, simulator_url: str, redis_server: RedisServer
+) -> None:
+    settings = _settings(simulator_url, redis_server.url, rate_limit=RateLimit(per_minute=60, burst=3))
+    with Served(create_app(settings)) as served:
+        alpha = [httpx.get(f"{served.url}/v1/files", headers=_headers()) for _ in range(5)]
+        bravo = [httpx.get(f"{served.url}/v1/files", headers=_headers(BRAVO.proxy_key)) for _ in range(5)]
+
+        redis_server.stop()  # the shared limiter is gone: each process limits on its own
+        limited = [httpx.get(f"{served.url}/v1/files/file_x", headers=_headers()) for _ in range(5)]
+
+    assert [r.status_code for r in alpha] == [200, 200, 200, 429, 429]
+    assert alpha[3].json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(alpha[3].headers["retry-after"]) <= 60
+    assert [r.status_code for r in bravo] == [200] * 5
+    assert 429 in {r.status_code for r in limited}
+    # Nothing refused with 429 reached upstream: only the admitted misses did.
+    alpha_upstream = [r for r in simulator.received if r.header("x-api-key") == ALPHA.upstream_key]
+    misses = [r for r in alpha + limited if r.status_code != 429 and "hit" not in r.headers["cache-status"]]
+    assert len(alpha_upstream) == len(misses)
