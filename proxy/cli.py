@@ -203,10 +203,15 @@ class _Server(uvicorn.Server):
 
 
 async def _run_servers(apps: Sequence[tuple[ASGIApp, socket.socket]], log_level: str) -> None:
-    servers = [
-        (_Server(uvicorn.Config(app, log_config=None, log_level=log_level, server_header=False)), listener)
-        for app, listener in apps
-    ]
+    # Our access log replaces uvicorn's; neither it nor httpx writes a line per request to stderr.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    def server(app: ASGIApp) -> _Server:
+        return _Server(
+            uvicorn.Config(app, log_config=None, log_level=log_level, server_header=False, access_log=False)
+        )
+
+    servers = [(server(app), listener) for app, listener in apps]
 
     def stop() -> None:
         for server, _ in servers:
