@@ -38,6 +38,21 @@ BRAVO = TeamKeys("bravo", "bravo-prod", "fp-test-bravo-91be44", "sk-ant-test-bra
 ALL_SECRETS = (ALPHA.proxy_key, ALPHA.upstream_key, BRAVO.proxy_key, BRAVO.upstream_key)
 
 
+def config_toml(upstream_url: str, sections: str = "") -> str:
+    """A config file for ALPHA and BRAVO (keys from KEY_ALPHA and KEY_BRAVO), plus extra sections."""
+    tenants = "".join(
+        f'[[tenants]]\nname = "{team.name}"\nworkspace = "{team.workspace}"\n'
+        f'api_key_env = "KEY_{team.name.upper()}"\nclient_key_sha256 = ["{hash_key(team.proxy_key)}"]\n\n'
+        for team in (ALPHA, BRAVO)
+    )
+    return f'[upstream]\nbase_url = "{upstream_url}"\n\n{sections}\n{tenants}'
+
+
+def team_environment() -> dict[str, str]:
+    """The variables `config_toml` names, for a `files-proxy serve` subprocess."""
+    return {"KEY_ALPHA": ALPHA.upstream_key, "KEY_BRAVO": BRAVO.upstream_key}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

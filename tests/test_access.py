@@ -22,7 +22,17 @@ from pydantic import HttpUrl
 from proxy.app import create_app
 from proxy.config import AdminConfig, CacheConfig, RateLimit, Settings, UpstreamConfig, UsageConfig
 from proxy.simulator import Simulator
-from tests.support import ALL_SECRETS, ALPHA, BRAVO, WATCH, RedisServer, Served, free_port
+from tests.support import (
+    ALL_SECRETS,
+    ALPHA,
+    BRAVO,
+    WATCH,
+    RedisServer,
+    Served,
+    config_toml,
+    free_port,
+    team_environment,
+)
 
 FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
 ADMIN_KEY = "fp-admin-test-3f9a"
@@ -63,18 +73,12 @@ def _settings(simulator_url: str, redis_url: str, **tenant_changes: Any) -> Sett
 def _config_file(tmp_path: Path, simulator_url: str, redis_url: str) -> Path:
     """The same proxy as a TOML file, for `files-proxy serve` and `files-proxy usage`."""
     admin_hash = hashlib.sha256(ADMIN_KEY.encode()).hexdigest()
-    tenants = ""
-    for team in (ALPHA, BRAVO):
-        key_hash = hashlib.sha256(team.proxy_key.encode()).hexdigest()
-        tenants += (
-            f'[[tenants]]\nname = "{team.name}"\nworkspace = "{team.workspace}"\n'
-            f'api_key_env = "KEY_{team.name.upper()}"\nclient_key_sha256 = ["{key_hash}"]\n\n'
-        )
-    path = tmp_path / "proxy.toml"
-    path.write_text(
-        f'[upstream]\nbase_url = "{simulator_url}"\n\n[cache]\nurl = "{redis_url}"\n\n'
-        f'[usage]\nflush_interval_s = 0.1\n\n[admin]\nkey_sha256 = "{admin_hash}"\n\n{tenants}'
+    sections = (
+        f'[cache]\nurl = "{redis_url}"\n\n[usage]\nflush_interval_s = 0.1\n\n'
+        f'[admin]\nkey_sha256 = "{admin_hash}"\n'
     )
+    path = tmp_path / "proxy.toml"
+    path.write_text(config_toml(simulator_url, sections))
     return path
 
 
@@ -228,7 +232,7 @@ def two_proxies(
 ) -> Iterator[tuple[list[str], Path]]:
     """Two `files-proxy serve` processes sharing one redis-server, as two replicas would."""
     config = _config_file(tmp_path, simulator_url, redis_server.url)
-    env = {"KEY_ALPHA": ALPHA.upstream_key, "KEY_BRAVO": BRAVO.upstream_key, "PATH": "/usr/bin:/bin"}
+    env = {**team_environment(), "PATH": "/usr/bin:/bin"}
     ports = [free_port(), free_port()]
     logs = [tmp_path / f"replica{i}.out" for i in range(2)]
     processes = []

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from proxy.simulator import Simulator
-from tests.support import ALPHA, BRAVO, WATCH, free_port
+from tests.support import ALPHA, WATCH, config_toml, free_port, team_environment
 
 SIZE = 200 * 1024 * 1024
 MEMORY_BOUND = 64 * 1024 * 1024
@@ -59,15 +59,9 @@ class PeakRss:
 def proxy_process(simulator_url: str, tmp_path: Path) -> Iterator[tuple[str, int]]:
     """`files-proxy serve` as a subprocess in front of the in-process simulator: (url, pid)."""
     config = tmp_path / "proxy.toml"
-    config.write_text(
-        f'[upstream]\nbase_url = "{simulator_url}"\n\n'
-        f'[[tenants]]\nname = "alpha"\nworkspace = "alpha-prod"\napi_key_env = "KEY_ALPHA"\n'
-        f'client_key_sha256 = ["{hashlib.sha256(ALPHA.proxy_key.encode()).hexdigest()}"]\n\n'
-        f'[[tenants]]\nname = "bravo"\nworkspace = "bravo-prod"\napi_key_env = "KEY_BRAVO"\n'
-        f'client_key_sha256 = ["{hashlib.sha256(BRAVO.proxy_key.encode()).hexdigest()}"]\n'
-    )
+    config.write_text(config_toml(simulator_url))
     port = free_port()
-    env = {**os.environ, "KEY_ALPHA": ALPHA.upstream_key, "KEY_BRAVO": BRAVO.upstream_key}
+    env = {**os.environ, **team_environment()}
     command = [str(Path(sys.executable).parent / "files-proxy"), "serve", "--config", str(config)]
     output = tmp_path / "proxy.out"
     with output.open("w") as sink:
