@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
 
@@ -14,13 +14,13 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, request_response
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.access import AccessMiddleware, log_access
 from proxy.auth import check_admin
 from proxy.cache import CachePolicy
 from proxy.caching import ResponseCache
-from proxy.config import Settings
+from proxy.config import ConfigError, Settings
 from proxy.errors import InvalidRequestError, ProxyError, error_response, new_request_id
 from proxy.handler import FilesHandler
 from proxy.metrics import CONTENT_TYPE, Metrics
@@ -32,14 +32,27 @@ from proxy.usage import COUNTERS, UsageCounter, read_usage
 logger = logging.getLogger(__name__)
 
 
+class ProxyApp:
+    """The proxy's ASGI app, plus `reload` for SIGHUP and `POST /admin/reload`."""
+
+    def __init__(self, app: ASGIApp, reload: Callable[[], Awaitable[None]]) -> None:
+        self._app = app
+        self.reload = reload
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+
 def create_app(
     settings: Settings,
     *,
+    load_settings: Callable[[], Settings] | None = None,
     http_client: httpx.AsyncClient | None = None,
     store: RedisStore | None = None,
     clock: Callable[[], float] = time.time,
-) -> ASGIApp:
-    """The proxy app for these settings; `http_client` and `store` replace the configured ones."""
+) -> ProxyApp:
+    """The proxy app for these settings; `load_settings` re-reads them on reload; `http_client` and
+    `store` replace the configured ones (tests, bench)."""
     upstream = UpstreamClient(settings.upstream, client=http_client)
     cache_config = settings.cache
     store = store or open_store(
@@ -61,9 +74,37 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
+    current = settings
+
+    async def reload() -> None:
+        """Re-read config and secrets; on any problem raise ConfigError and keep the running ones.
+
+        Tenants (keys, rate limits), limits and the admin key change at once; a request in flight
+        keeps the tenant it started with. Other sections need a restart.
+        """
+        nonlocal current
+        if load_settings is None:
+            raise ConfigError("this proxy was not started from a config file")
+        new = await asyncio.to_thread(load_settings)
+        handler.apply(new)
+        for section in ("upstream", "cache", "server", "usage"):
+            if getattr(new, section) != getattr(current, section):
+                logger.warning("config [%s] changed: it takes effect at the next restart", section)
+        current = new
+        logger.info("config reloaded: %d tenants", len(new.tenants))
+
+    async def admin_reload(request: Request) -> Response:
+        check_admin(request.headers, current.admin.key_sha256)
+        try:
+            await reload()
+        except ConfigError as exc:
+            logger.error("config reload rejected, the running config stays: %s", exc)
+            raise InvalidRequestError(f"Config rejected; the running config stays: {exc}") from None
+        return JSONResponse({"reloaded": True, "tenants": len(current.tenants)})
+
     async def admin_usage(request: Request) -> Response:
         """Usage totals from the store, this replica's unwritten counts included."""
-        check_admin(request.headers, settings.admin.key_sha256)
+        check_admin(request.headers, current.admin.key_sha256)
         today = datetime.now(UTC).date()
         since = _date_param(request, "since", today.replace(day=1))
         until = _date_param(request, "until", today)
@@ -82,6 +123,9 @@ def create_app(
         def flushed(ok: bool) -> None:
             metrics.usage_flushes.labels("ok" if ok else "error").inc()
 
+        # Connect (and, for a Cluster, learn its slots) before the first request, not under load.
+        if not await store.ping():
+            logger.warning("cache store unavailable at startup; serving without cache until it answers")
         flusher = asyncio.create_task(usage.run(settings.usage.flush_interval_s, flushed))
         try:
             yield
@@ -97,6 +141,7 @@ def create_app(
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/admin/usage", admin_usage, methods=["GET"]),
+            Route("/admin/reload", admin_reload, methods=["POST"]),
             # Every other path and method goes to the handler, which answers 404/405 itself.
             Mount("", app=request_response(handler.handle)),
         ],
@@ -107,12 +152,13 @@ def create_app(
         },
         lifespan=lifespan,
     )
-    return AccessMiddleware(
+    recorded = AccessMiddleware(
         app,
         [log_access, metrics.observe, usage.add],
         on_start=metrics.in_flight.inc,
         on_end=metrics.in_flight.dec,
     )
+    return ProxyApp(recorded, reload)
 
 
 def _date_param(request: Request, name: str, default: date) -> date:

@@ -11,7 +11,7 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -88,9 +88,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    app = create_app(settings, load_settings=lambda: load_settings(args.config))
     access_log = start_access_log()
     try:
-        asyncio.run(_run_servers([(create_app(settings), _bind(args.host, args.port))], args.log_level))
+        asyncio.run(
+            _run_servers(
+                [(app, _bind(args.host, args.port))],
+                args.log_level,
+                grace_s=settings.server.shutdown_grace_s,
+                on_hangup=app.reload,
+            )
+        )
     finally:
         access_log.stop()
     return 0
@@ -202,14 +210,28 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _run_servers(apps: Sequence[tuple[ASGIApp, socket.socket]], log_level: str) -> None:
+async def _run_servers(
+    apps: Sequence[tuple[ASGIApp, socket.socket]],
+    log_level: str,
+    *,
+    grace_s: int | None = None,
+    on_hangup: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM: stop accepting, let requests in flight finish for up to
+    `grace_s`, then return. SIGHUP runs `on_hangup` (a config reload) and keeps serving."""
     # Our access log replaces uvicorn's; neither it nor httpx writes a line per request to stderr.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def server(app: ASGIApp) -> _Server:
-        return _Server(
-            uvicorn.Config(app, log_config=None, log_level=log_level, server_header=False, access_log=False)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            log_level=log_level,
+            server_header=False,
+            access_log=False,
+            timeout_graceful_shutdown=grace_s,
         )
+        return _Server(config)
 
     servers = [(server(app), listener) for app, listener in apps]
 
@@ -217,9 +239,24 @@ async def _run_servers(apps: Sequence[tuple[ASGIApp, socket.socket]], log_level:
         for server, _ in servers:
             server.should_exit = True
 
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload(hangup: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await hangup()
+        except ConfigError as exc:
+            logging.getLogger(__name__).error("config reload rejected, the running config stays: %s", exc)
+
+    def hang_up() -> None:
+        if on_hangup is not None:
+            task = asyncio.create_task(reload(on_hangup))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop)
+    loop.add_signal_handler(signal.SIGHUP, hang_up)
     await asyncio.gather(*(server.serve(sockets=[listener]) for server, listener in servers))
 
 

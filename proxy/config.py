@@ -75,6 +75,12 @@ class _TenantFile(_Section):
         return [h.lower() for h in hashes]
 
 
+class ServerConfig(_Section):
+    # On SIGTERM the proxy stops accepting, lets requests in flight finish for up to this long
+    # (an upload in progress completes), then exits.
+    shutdown_grace_s: Annotated[int, Field(ge=0)] = 30
+
+
 class AdminConfig(_Section):
     # sha256 of the admin key for /admin/*; without it the admin endpoints always answer 401.
     key_sha256: Annotated[str, Field(pattern=_SHA256_HEX)] | None = None
@@ -89,6 +95,7 @@ class _ConfigFile(_Section):
     upstream: UpstreamConfig = UpstreamConfig()
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
     usage: UsageConfig = UsageConfig()
     tenants: Annotated[list[_TenantFile], Field(min_length=1)]
@@ -124,6 +131,7 @@ class Settings:
     upstream: UpstreamConfig = UpstreamConfig()
     cache: CacheConfig = CacheConfig()
     limits: LimitsConfig = LimitsConfig()
+    server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
     usage: UsageConfig = UsageConfig()
 
@@ -162,6 +170,7 @@ def load_settings(
         upstream=parsed.upstream,
         cache=parsed.cache,
         limits=parsed.limits,
+        server=parsed.server,
         admin=parsed.admin,
         usage=parsed.usage,
     )

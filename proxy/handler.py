@@ -26,10 +26,14 @@ class FilesHandler:
     def __init__(
         self, settings: Settings, upstream: UpstreamClient, cache: ResponseCache, rate_limiter: RateLimiter
     ) -> None:
-        self._authenticator = Authenticator(settings.tenants)
         self._upstream = upstream
         self._cache = cache
         self._rate_limiter = rate_limiter
+        self.apply(settings)
+
+    def apply(self, settings: Settings) -> None:
+        """Take new tenants (keys, rate limits) and limits; a request in flight keeps its tenant."""
+        self._authenticator = Authenticator(settings.tenants)
         self._max_upload_bytes = settings.limits.max_upload_bytes
 
     async def handle(self, request: Request) -> Response:

@@ -16,6 +16,8 @@ from typing import Any
 
 import fakeredis
 import redis.asyncio as redis
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
@@ -62,9 +64,12 @@ class CircuitBreaker:
             self._opened_at = self._clock()
 
 
+Client = redis.Redis | RedisCluster
+
+
 class RedisStore:
     def __init__(
-        self, client: redis.Redis, *, timeout_s: float = 0.25, breaker: CircuitBreaker | None = None
+        self, client: Client, *, timeout_s: float = 0.25, breaker: CircuitBreaker | None = None
     ) -> None:
         self._client = client
         self._timeout_s = timeout_s
@@ -106,9 +111,12 @@ class RedisStore:
         return True
 
     async def aclose(self) -> None:
-        await self._client.aclose(close_connection_pool=True)
+        if isinstance(self._client, RedisCluster):
+            await self._client.aclose()
+        else:
+            await self._client.aclose(close_connection_pool=True)
 
-    def _pipeline(self, writes: Sequence[Write]) -> redis.client.Pipeline:
+    def _pipeline(self, writes: Sequence[Write]) -> redis.client.Pipeline | ClusterPipeline:
         pipe = self._client.pipeline(transaction=False)
         for write in writes:
             match write:
@@ -144,17 +152,40 @@ class RedisStore:
 
 
 def open_store(url: str, *, max_connections: int = 50, timeout_s: float = 0.25) -> RedisStore:
-    """A store for `cache.url`: `memory://`, `redis://` or `rediss://`."""
+    """A store for `cache.url`:
+
+    memory://                                          embedded, in this process
+    redis://[:password@]host:6379/0, rediss://...      one Redis
+    redis+sentinel://host:26379,host2:26379/mymaster/0 the master Sentinel names, followed on failover
+    redis+cluster://host:7000,host2:7001               a Redis Cluster (nodes to start from)
+    """
     if url == "memory://":
         return RedisStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), timeout_s=timeout_s)
-    # A blocking pool waits for a free connection instead of raising at once when all are busy;
-    # retries are off because the breaker, not a backoff loop, decides when to try again.
+    # Timeouts are the store's budget; retries are off because the breaker, not a backoff loop,
+    # decides when to try again.
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    scheme, _, rest = url.partition("://")
+    if scheme == "redis+cluster":
+        nodes = [ClusterNode(*_host_port(node, 6379)) for node in rest.strip("/").split(",")]
+        client: Client = RedisCluster(startup_nodes=nodes, max_connections=max_connections, **options)
+        return RedisStore(client, timeout_s=timeout_s)
+    if scheme == "redis+sentinel":
+        hosts, _, path = rest.partition("/")
+        service, _, db = path.strip("/").partition("/")
+        sentinel = Sentinel([_host_port(node, 26379) for node in hosts.split(",")], **options)  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(service, db=int(db or 0), **options)
+        return RedisStore(client, timeout_s=timeout_s)
+    # A blocking pool waits for a free connection instead of raising at once when all are busy.
     pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
+        url, max_connections=max_connections, timeout=timeout_s, **options
     )
     return RedisStore(redis.Redis(connection_pool=pool), timeout_s=timeout_s)
+
+
+def _host_port(node: str, default_port: int) -> tuple[str, int]:
+    host, _, port = node.rpartition(":") if ":" in node else (node, "", str(default_port))
+    return host, int(port)

@@ -14,7 +14,7 @@ from pydantic import HttpUrl
 from proxy.app import create_app
 from proxy.config import CacheConfig, LimitsConfig, Settings, UpstreamConfig
 from proxy.simulator import Simulator
-from tests.support import ALL_SECRETS, ALPHA, BRAVO, WATCH, RedisServer, Served, free_port
+from tests.support import ALL_SECRETS, ALPHA, BRAVO, WATCH, RedisClusterNodes, RedisServer, Served, free_port
 
 
 class _WatchHandler(logging.Handler):
@@ -118,10 +118,22 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    cluster = RedisClusterNodes(tmp_path_factory.mktemp("cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def cache_url(request: pytest.FixtureRequest) -> str:
-    """Each cache test runs against the embedded store and against a real redis-server."""
+    """Each cache test runs against the embedded store, a real redis-server and a Redis Cluster."""
     if request.param == "memory":
         return "memory://"
+    if request.param == "cluster":
+        cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        return cluster.url
     server: RedisServer = request.getfixturevalue("redis_server")
     return server.url

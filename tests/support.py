@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -107,9 +108,11 @@ def raw_http(port: int, head: bytes, body: bytes = b"") -> tuple[int, dict[str, 
 class RedisServer:
     """A real redis-server on a free port, with no persistence; can be stopped and started again."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, extra: list[str] | None = None, folder: Path | None = None) -> None:
         self.port = port
         self.url = f"redis://127.0.0.1:{port}/0"
+        self._extra = extra or []
+        self._folder = folder
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -117,8 +120,20 @@ class RedisServer:
         if binary is None:
             raise RuntimeError("redis-server is not installed: run scripts/ensure-redis-server")
         self._process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                *self._extra,
+            ],
             stdout=subprocess.DEVNULL,
+            cwd=self._folder,
         )
         deadline = time.monotonic() + 10
         while True:
@@ -177,3 +192,66 @@ class OutputWatch:
 
 
 WATCH = OutputWatch()
+
+
+class RedisClusterNodes:
+    """A local 3-master Redis Cluster (no replicas), made from redis-server in cluster mode."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self.ports = _cluster_ports(3)
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        self._nodes = [
+            RedisServer(
+                port, ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"], folder
+            )
+            for port in self.ports
+        ]
+
+    def start(self) -> None:
+        for node in self._nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+        )
+        deadline = time.monotonic() + 15
+        while not all(b"cluster_state:ok" in self._ask(port, "CLUSTER INFO") for port in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Redis Cluster did not become ready")
+            time.sleep(0.1)
+
+    def flush(self) -> None:
+        for port in self.ports:
+            self._ask(port, "FLUSHALL")
+
+    def stop(self) -> None:
+        for node in self._nodes:
+            node.stop()
+
+    @staticmethod
+    def _ask(port: int, command: str) -> bytes:
+        return subprocess.run(
+            ["redis-cli", "-p", str(port), *command.split()], check=True, capture_output=True
+        ).stdout
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus ports (port + 10000) are free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port + 10000 <= 65535 and port not in ports and _is_free(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
