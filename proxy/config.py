@@ -52,7 +52,7 @@ class CacheConfig(_Section):
     stale_if_error_s: Annotated[int, Field(ge=0)] = 300
     negative_ttl_s: Annotated[int, Field(ge=0)] = 5
     collapse_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    timeout_s: Annotated[float, Field(gt=0)] = 0.25
+    timeout_s: Annotated[float, Field(gt=0)] = 1.0
     max_connections: Annotated[int, Field(ge=1)] = 50
 
 

@@ -69,10 +69,18 @@ Client = redis.Redis | RedisCluster
 
 class RedisStore:
     def __init__(
-        self, client: Client, *, timeout_s: float = 0.25, breaker: CircuitBreaker | None = None
+        self,
+        client: Client,
+        *,
+        timeout_s: float = 1.0,
+        max_connections: int = 50,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._client = client
         self._timeout_s = timeout_s
+        # At most this many calls at once, each waiting within its timeout for a turn: a blocking
+        # pool for every kind of store (redis-py's Cluster pool raises at once when exhausted).
+        self._slots = asyncio.Semaphore(max_connections)
         self.breaker = breaker or CircuitBreaker()
         # Told "ok", "error" or "skipped" after every call, for metrics.
         self.on_call: Callable[[str], None] = lambda outcome: None
@@ -140,9 +148,10 @@ class RedisStore:
             self.on_call("skipped")
             raise CacheUnavailableError("circuit open")
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self._timeout_s), self._slots:
                 value = await operation()
         except (RedisError, OSError, TimeoutError) as exc:
+            logger.debug("store call failed: %r", exc)
             self.breaker.failed()
             self.on_call("error")
             raise CacheUnavailableError(type(exc).__name__) from exc
@@ -151,7 +160,7 @@ class RedisStore:
         return value
 
 
-def open_store(url: str, *, max_connections: int = 50, timeout_s: float = 0.25) -> RedisStore:
+def open_store(url: str, *, max_connections: int = 50, timeout_s: float = 1.0) -> RedisStore:
     """A store for `cache.url`:
 
     memory://                                          embedded, in this process
@@ -160,7 +169,8 @@ def open_store(url: str, *, max_connections: int = 50, timeout_s: float = 0.25) 
     redis+cluster://host:7000,host2:7001               a Redis Cluster (nodes to start from)
     """
     if url == "memory://":
-        return RedisStore(fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer()), timeout_s=timeout_s)
+        client: Client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        return RedisStore(client, timeout_s=timeout_s, max_connections=max_connections)
     # Timeouts are the store's budget; retries are off because the breaker, not a backoff loop,
     # decides when to try again.
     options: dict[str, Any] = {
@@ -171,19 +181,19 @@ def open_store(url: str, *, max_connections: int = 50, timeout_s: float = 0.25) 
     scheme, _, rest = url.partition("://")
     if scheme == "redis+cluster":
         nodes = [ClusterNode(*_host_port(node, 6379)) for node in rest.strip("/").split(",")]
-        client: Client = RedisCluster(startup_nodes=nodes, max_connections=max_connections, **options)
-        return RedisStore(client, timeout_s=timeout_s)
+        client = RedisCluster(startup_nodes=nodes, max_connections=max_connections, **options)
+        return RedisStore(client, timeout_s=timeout_s, max_connections=max_connections)
     if scheme == "redis+sentinel":
         hosts, _, path = rest.partition("/")
         service, _, db = path.strip("/").partition("/")
         sentinel = Sentinel([_host_port(node, 26379) for node in hosts.split(",")], **options)  # type: ignore[no-untyped-call]
         client = sentinel.master_for(service, db=int(db or 0), **options)
-        return RedisStore(client, timeout_s=timeout_s)
+        return RedisStore(client, timeout_s=timeout_s, max_connections=max_connections)
     # A blocking pool waits for a free connection instead of raising at once when all are busy.
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout_s, **options
     )
-    return RedisStore(redis.Redis(connection_pool=pool), timeout_s=timeout_s)
+    return RedisStore(redis.Redis(connection_pool=pool), timeout_s=timeout_s, max_connections=max_connections)
 
 
 def _host_port(node: str, default_port: int) -> tuple[str, int]:
