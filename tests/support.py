@@ -227,6 +227,10 @@ class RedisClusterNodes:
         for port in self.ports:
             self._ask(port, "FLUSHALL")
 
+    def keyslot(self, key: str) -> int:
+        """The slot the cluster itself assigns to a key."""
+        return int(self._ask(self.ports[0], f"CLUSTER KEYSLOT {key}"))
+
     def stop(self) -> None:
         for node in self._nodes:
             node.stop()
