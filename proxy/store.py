@@ -75,8 +75,10 @@ class RedisStore:
         timeout_s: float = 1.0,
         max_connections: int = 50,
         breaker: CircuitBreaker | None = None,
+        also_close: Sequence[redis.Redis] = (),
     ) -> None:
         self._client = client
+        self._also_close = also_close  # e.g. the Sentinel clients that find the master
         self._timeout_s = timeout_s
         # At most this many calls at once, each waiting within its timeout for a turn: a blocking
         # pool for every kind of store (redis-py's Cluster pool raises at once when exhausted).
@@ -123,6 +125,8 @@ class RedisStore:
             await self._client.aclose()
         else:
             await self._client.aclose(close_connection_pool=True)
+        for client in self._also_close:
+            await client.aclose(close_connection_pool=True)
 
     def _pipeline(self, writes: Sequence[Write]) -> redis.client.Pipeline | ClusterPipeline:
         pipe = self._client.pipeline(transaction=False)
@@ -188,7 +192,9 @@ def open_store(url: str, *, max_connections: int = 50, timeout_s: float = 1.0) -
         service, _, db = path.strip("/").partition("/")
         sentinel = Sentinel([_host_port(node, 26379) for node in hosts.split(",")], **options)  # type: ignore[no-untyped-call]
         client = sentinel.master_for(service, db=int(db or 0), **options)
-        return RedisStore(client, timeout_s=timeout_s, max_connections=max_connections)
+        return RedisStore(
+            client, timeout_s=timeout_s, max_connections=max_connections, also_close=sentinel.sentinels
+        )
     # A blocking pool waits for a free connection instead of raising at once when all are busy.
     pool = redis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout_s, **options
