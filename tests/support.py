@@ -8,9 +8,11 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
@@ -52,6 +54,25 @@ def config_toml(upstream_url: str, sections: str = "") -> str:
 def team_environment() -> dict[str, str]:
     """The variables `config_toml` names, for a `files-proxy serve` subprocess."""
     return {"KEY_ALPHA": ALPHA.upstream_key, "KEY_BRAVO": BRAVO.upstream_key}
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10, what: str = "condition") -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not met in time"
+        time.sleep(0.05)
+
+
+def wait_until_up(url: str) -> None:
+    """Until a proxy started in another process answers /healthz."""
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(answers, seconds=15, what=f"{url}/healthz")
 
 
 def free_port() -> int:

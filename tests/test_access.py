@@ -32,6 +32,7 @@ from tests.support import (
     config_toml,
     free_port,
     team_environment,
+    wait_until_up,
 )
 
 FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
@@ -243,14 +244,7 @@ def two_proxies(
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
         for url in urls:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    httpx.get(f"{url}/healthz")
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, "replica did not start"
-                    time.sleep(0.05)
+            wait_until_up(url)
         yield urls, config
     finally:
         for process in processes:

@@ -4,7 +4,6 @@ the embedded `memory://` store and a real redis-server (the `cache_url` fixture 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 import anthropic
@@ -12,7 +11,7 @@ import httpx
 import pytest
 
 from proxy.simulator import Simulator
-from tests.support import ALPHA, BRAVO, FakeClock, RedisServer
+from tests.support import ALPHA, BRAVO, FakeClock, RedisServer, wait_for
 
 BETA = "files-api-2025-04-14"
 GA_HEADERS = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2026-10-21"}
@@ -193,13 +192,6 @@ def test_downloads_uploads_and_deletes_are_forwarded_with_fwd_method(
     assert download.headers["cache-status"] == delete.headers["cache-status"] == "files-proxy; fwd=method"
 
 
-def _wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
-
 def test_redis_killed_mid_test_every_request_succeeds_and_hits_return(
     serve_proxy: Callable[..., str], redis_server: RedisServer, simulator: Simulator
 ) -> None:
@@ -219,7 +211,7 @@ def test_redis_killed_mid_test_every_request_succeeds_and_hits_return(
     assert httpx.get(f"{url}/readyz").json() == {"status": "ready", "cache": "unavailable"}
 
     redis_server.start()
-    _wait_for(
+    wait_for(
         lambda: httpx.get(path, headers=GA_HEADERS).headers["cache-status"].startswith("files-proxy; hit")
     )
     assert httpx.get(f"{url}/readyz").json()["cache"] == "up"
@@ -238,7 +230,7 @@ def test_a_delete_during_a_redis_outage_is_applied_when_redis_returns(
         redis_server.resume()
 
         # The cached metadata survived in Redis, but the held invalidation is written first.
-        _wait_for(lambda: httpx.get(f"{url}/readyz").json()["cache"] == "up")
+        wait_for(lambda: httpx.get(f"{url}/readyz").json()["cache"] == "up")
         with pytest.raises(anthropic.NotFoundError):
             client.files.retrieve_metadata(uploaded.id)
         assert uploaded.id not in {f.id for f in client.files.list()}

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
@@ -23,7 +23,17 @@ from proxy.config import CacheConfig, Settings, UpstreamConfig
 from proxy.routes import Operation
 from proxy.simulator import Simulator
 from proxy.store import RedisStore, open_store
-from tests.support import ALPHA, BRAVO, WATCH, RedisClusterNodes, RedisServer, Served, free_port
+from tests.support import (
+    ALPHA,
+    BRAVO,
+    WATCH,
+    RedisClusterNodes,
+    RedisServer,
+    Served,
+    free_port,
+    wait_for,
+    wait_until_up,
+)
 
 FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
 ROTATED_UPSTREAM_KEY = "sk-ant-test-alpha-rotated-91"
@@ -68,14 +78,7 @@ class ProxyProcess:
         command = [FILES_PROXY, "serve", "--config", str(self.config), "--port", str(self.port)]
         with self.output.open("w") as sink:
             self.process = subprocess.Popen(command, stdout=sink, stderr=sink)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                httpx.get(f"{self.url}/healthz")
-                return
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, self.output.read_text()
-                time.sleep(0.05)
+        wait_until_up(self.url)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
@@ -166,7 +169,7 @@ def test_sighup_rotates_keys_and_a_bad_config_keeps_the_running_one(
         _config(simulator_url, proxy_process.key_file, [ALPHA.proxy_key, ROTATED_PROXY_KEY])
     )
     proxy_process.signal(signal.SIGHUP)
-    _wait_for(lambda: files(ROTATED_PROXY_KEY) == 200)
+    wait_for(lambda: files(ROTATED_PROXY_KEY) == 200)
     thread.join(timeout=30)
     assert answers[0].status_code == 200
     [upload] = [r for r in simulator.received if r.method == "POST"]
@@ -176,14 +179,14 @@ def test_sighup_rotates_keys_and_a_bad_config_keeps_the_running_one(
     # Step 2: the old proxy key is retired.
     proxy_process.config.write_text(_config(simulator_url, proxy_process.key_file, [ROTATED_PROXY_KEY]))
     proxy_process.signal(signal.SIGHUP)
-    _wait_for(lambda: files(ALPHA.proxy_key) == 401)
+    wait_for(lambda: files(ALPHA.proxy_key) == 401)
 
     # A bad config is refused with a log line; the running config stays.
     proxy_process.config.write_text(
         _config(simulator_url, proxy_process.key_file, [ALPHA.proxy_key], "colour = 1\n")
     )
     proxy_process.signal(signal.SIGHUP)
-    _wait_for(lambda: "config reload rejected" in proxy_process.output.read_text())
+    wait_for(lambda: "config reload rejected" in proxy_process.output.read_text())
     assert "tenants[0].colour: unknown key" in proxy_process.output.read_text()
     assert (files(ROTATED_PROXY_KEY), files(ALPHA.proxy_key)) == (200, 401)
 
@@ -204,13 +207,6 @@ def test_admin_reload_applies_a_good_config_and_refuses_a_bad_one(
     assert "running config stays" in bad.json()["error"]["message"]
     headers = {"x-api-key": ROTATED_PROXY_KEY, "anthropic-version": "2026-10-21"}
     assert httpx.get(f"{proxy_process.url}/v1/files", headers=headers).status_code == 200
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_two_replicas_share_one_redis(simulator_url: str, redis_server: RedisServer) -> None:

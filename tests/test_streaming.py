@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from proxy.simulator import Simulator
-from tests.support import ALPHA, WATCH, config_toml, free_port, team_environment
+from tests.support import ALPHA, WATCH, config_toml, free_port, team_environment, wait_until_up
 
 SIZE = 200 * 1024 * 1024
 MEMORY_BOUND = 64 * 1024 * 1024
@@ -68,7 +68,7 @@ def proxy_process(simulator_url: str, tmp_path: Path) -> Iterator[tuple[str, int
         process = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=sink, stderr=sink)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url)
+        wait_until_up(url)
         # Warm up the code paths once, so the baseline includes imports and pools.
         httpx.get(f"{url}/v1/files", headers=_headers())
         yield url, process.pid
@@ -76,17 +76,6 @@ def proxy_process(simulator_url: str, tmp_path: Path) -> Iterator[tuple[str, int
         process.terminate()
         process.wait(timeout=10)
         WATCH.feed(output.read_text())
-
-
-def _wait_until_up(url: str) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/healthz")
-            return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise RuntimeError("proxy did not start")
 
 
 def _headers() -> dict[str, str]:
