@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from proxy.cli import main
+from proxy.cli import bind_listener, main
 from proxy.config import hash_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,3 +176,12 @@ def test_python_dash_m_proxy_is_the_same_program() -> None:
 
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout == sha256_hex("abc") + "\n"
+
+
+def test_the_listener_hands_out_connections_with_nagle_off() -> None:
+    """Without TCP_NODELAY on accepted sockets, every kept-alive response waits for a delayed ACK."""
+    listener = bind_listener("127.0.0.1", 0)
+    with listener, socket.create_connection(listener.getsockname()[:2]):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
