@@ -27,7 +27,7 @@ from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.ratelimit import RateLimiter
 from proxy.store import RedisStore, open_store
 from proxy.upstream import UpstreamClient
-from proxy.usage import COUNTERS, UsageCounter, read_usage
+from proxy.usage import UsageCounter, read_usage, usage_report
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +110,7 @@ def create_app(
         until = _date_param(request, "until", today)
         await usage.flush()
         rows = await read_usage(store, since, until, request.query_params.get("workspace"))
-        body = {
-            "since": since.isoformat(),
-            "until": until.isoformat(),
-            "counters": list(COUNTERS),
-            "rows": [{"workspace": r.workspace, "tenant": r.tenant, **r.counts} for r in rows],
-        }
-        return JSONResponse(body)
+        return JSONResponse(usage_report(since, until, rows))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

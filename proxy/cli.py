@@ -24,7 +24,7 @@ from proxy.app import create_app
 from proxy.config import ConfigError, Settings, Tenant, UpstreamConfig, hash_key, load_settings
 from proxy.simulator import Simulator
 from proxy.store import open_store
-from proxy.usage import COUNTERS, UsageRow, read_usage
+from proxy.usage import COUNTERS, UsageRow, read_usage, usage_report
 
 _DEMO_SNIPPET = """\
     import anthropic
@@ -177,13 +177,7 @@ def _usage(args: argparse.Namespace) -> int:
     since, until = args.since or today.replace(day=1), args.until or today
     rows = asyncio.run(_read_usage(settings.cache.url, since, until, args.workspace))
     if args.json:
-        body = {
-            "since": since.isoformat(),
-            "until": until.isoformat(),
-            "counters": list(COUNTERS),
-            "rows": [{"workspace": r.workspace, "tenant": r.tenant, **r.counts} for r in rows],
-        }
-        print(json.dumps(body, indent=2))
+        print(json.dumps(usage_report(since, until, rows), indent=2))
         return 0
     print(f"Usage from {since} to {until} (UTC days, both included)")
     table = [["workspace", "tenant", *COUNTERS]]

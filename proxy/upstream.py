@@ -7,8 +7,9 @@ POST reaches the upstream at most once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 import httpx
 
@@ -44,6 +45,17 @@ def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(name, value) for name, value in pairs if name not in HOP_BY_HOP and name not in named]
 
 
+@contextlib.contextmanager
+def _body_errors_translated() -> Iterator[None]:
+    """httpx failures while a response body is read, as the proxy's own errors."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeoutError("The Anthropic API stopped sending the response body.") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamUnavailableError("The Anthropic API connection broke during the response.") from exc
+
+
 class UpstreamReply:
     """An upstream response whose body has not been read yet. Always `aclose()` it."""
 
@@ -63,26 +75,18 @@ class UpstreamReply:
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """The body as it arrives, undecoded, so Content-Length and Content-Encoding stay true."""
-        try:
+        with _body_errors_translated():
             async for chunk in self._response.aiter_raw():
                 yield chunk
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError("The Anthropic API stopped sending the response body.") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailableError("The Anthropic API connection broke during the response.") from exc
 
     async def read(self, limit: int) -> bytes:
         """The whole decoded body of a small JSON answer; larger than `limit` is an upstream fault."""
         body = bytearray()
-        try:
+        with _body_errors_translated():
             async for chunk in self._response.aiter_bytes():
                 body += chunk
                 if len(body) > limit:
                     raise UpstreamUnavailableError("The Anthropic API sent an unexpectedly large answer.")
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError("The Anthropic API stopped sending the response body.") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamUnavailableError("The Anthropic API connection broke during the response.") from exc
         return bytes(body)
 
     @property

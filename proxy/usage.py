@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from typing import Any
 
 from proxy.access import RequestRecord
 from proxy.cache import Expire, HashIncrement, Write
@@ -41,6 +42,16 @@ class UsageRow:
     workspace: str
     tenant: str
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+
+
+def usage_report(since: date, until: date, rows: list[UsageRow]) -> dict[str, Any]:
+    """The JSON shape shared by `GET /admin/usage` and `files-proxy usage --json`."""
+    return {
+        "since": since.isoformat(),
+        "until": until.isoformat(),
+        "counters": list(COUNTERS),
+        "rows": [{"workspace": r.workspace, "tenant": r.tenant, **r.counts} for r in rows],
+    }
 
 
 def counts_for(record: RequestRecord) -> dict[str, int]:
