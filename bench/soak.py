@@ -255,8 +255,13 @@ class Soak:
 
     async def run(self) -> dict[str, Any]:
         options = self.options
+        # The proxy's server closes a connection idle for 5 s (uvicorn's default), and httpx's own
+        # default expiry is also 5 s: a request sent on a connection as it is being closed then fails
+        # with a reset that the proxy never saw. Clients should expire idle connections first.
         limits = httpx.Limits(
-            max_connections=options.concurrency, max_keepalive_connections=options.concurrency
+            max_connections=options.concurrency,
+            max_keepalive_connections=options.concurrency,
+            keepalive_expiry=1.0,
         )
         async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
             await self.seed(client)
