@@ -58,16 +58,17 @@ _OUTAGE_GRACE_S = 5.0
 _SEEDED_PER_TENANT = 24
 _MAX_LIVE_UPLOADS = 40
 _EXAMPLES = 10
-# Operation mix, per request. "foreign" cases ask with another tenant's id and must get a 404.
+# Operation mix, per request: read-heavy, as Files traffic is, with enough uploads and deletes to keep
+# invalidating list pages. "foreign" cases ask with another tenant's id and must get a 404.
 _MIX: dict[str, int] = {
-    "metadata": 38,
+    "metadata": 44,
     "metadata_foreign": 7,
     "metadata_deleted": 4,
-    "list": 18,
+    "list": 20,
     "download": 10,
     "download_foreign": 2,
-    "upload": 11,
-    "delete": 9,
+    "upload": 7,
+    "delete": 5,
     "delete_foreign": 1,
 }
 
@@ -267,7 +268,7 @@ class Soak:
             await self.seed(client)
             await client.delete(f"{self.processes.simulator_url}/_simulator/requests")
             self.started_at = time.monotonic()
-            cpu_before = self._proxy_cpu_s(), time.process_time()
+            cpu_before = self._cpu_seconds()
             deadline = self.started_at + options.duration_s
             workers = [
                 asyncio.create_task(
@@ -285,10 +286,7 @@ class Soak:
             await asyncio.gather(*workers)
             elapsed = time.monotonic() - self.started_at
             rss_end = self._rss()
-            cpu = {
-                "proxy": (self._proxy_cpu_s() - cpu_before[0]) / elapsed,
-                "soak client": (time.process_time() - cpu_before[1]) / elapsed,
-            }
+            cpu = {name: (used - cpu_before[name]) / elapsed for name, used in self._cpu_seconds().items()}
             self.rss_peak = max(self.rss_peak, rss_end)
             await asyncio.gather(*chores)
             metrics = (await client.get(f"{self.processes.proxy_url}/metrics")).text
@@ -455,11 +453,17 @@ class Soak:
     def _rss(self) -> int:
         return int(self._proxy.memory_info().rss) if self._proxy is not None else 0
 
-    def _proxy_cpu_s(self) -> float:
-        if self._proxy is None:
-            return 0.0
-        times = self._proxy.cpu_times()
-        return float(times.user + times.system)
+    def _cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by the proxy, the simulator, this client and the whole machine (which
+        tells whether something else shared the cores during the run)."""
+        used = {"proxy": 0.0, "simulator": 0.0, "soak client": time.process_time()}
+        for name, process in (("proxy", self.processes.proxy), ("simulator", self.processes.simulator)):
+            if process is not None:
+                times = psutil.Process(process.pid).cpu_times()
+                used[name] = float(times.user + times.system)
+        machine = psutil.cpu_times()
+        used["whole machine"] = float(machine.user + machine.system + machine.nice)
+        return used
 
     def _report(self, elapsed: float, rss_end: int, metrics: str, cpu: dict[str, float]) -> dict[str, Any]:
         tally, options = self.tally, self.options
@@ -643,7 +647,10 @@ def format_report(report: dict[str, Any]) -> str:
         ("upstream requests", f"{upstream['requests']} (access lines: {upstream['logged']})"),
         ("upstream requests saved", f"{upstream['saved']} ({upstream['saved_ratio']:.1%} of requests sent)"),
         ("cache hits", str(upstream["cache_hits"])),
-        ("CPU cores busy: proxy / soak client", " / ".join(str(v) for v in report["cpu_cores"].values())),
+        (
+            f"CPU cores busy: {' / '.join(report['cpu_cores'])}",
+            " / ".join(map(str, report["cpu_cores"].values())),
+        ),
         (
             "latency p50 / p99 / max",
             " / ".join(f"{report['latency_ms'][k]} ms" for k in ("p50", "p99", "max")),
