@@ -3,19 +3,19 @@ JSON access line and handed to metrics and usage.
 
 The middleware sees the bytes really received and sent (streamed bodies included) and the final
 status; the handler adds what only it knows (tenant, route, file id, upstream time) through
-`request.state`. Access lines go through a queue to a thread that writes stdout, so the event
-loop never blocks on the terminal or a log pipe. No header value but the user agent and the client's
-own request id is ever logged, so no key or token can reach a log line.
+`request.state`. Access lines are written to stdout in batches by a thread, so the event loop never
+blocks on the terminal or a log pipe, and pays no thread hand-off per line. No header value but the
+user agent and the client's own request id is ever logged, so no key or token can reach a log line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
-import queue
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -52,10 +52,12 @@ class RequestRecord:
 
     def json_line(self) -> str:
         # Not dataclasses.asdict: it deep-copies every field (about 7% of an in-process cache hit).
-        return json.dumps({name: getattr(self, name) for name in _FIELD_NAMES}, separators=(",", ":"))
+        return _JSON.encode({name: getattr(self, name) for name in _FIELD_NAMES})
 
 
 _FIELD_NAMES = tuple(field.name for field in fields(RequestRecord))
+# json.dumps with separators builds a new encoder on every call.
+_JSON = json.JSONEncoder(separators=(",", ":"))
 Sink = Callable[[RequestRecord], None]
 
 
@@ -159,16 +161,51 @@ def _client_value(raw: bytes | None) -> str | None:
 
 
 def log_access(record: RequestRecord) -> None:
-    access_logger.info(record.json_line())
+    if access_logger.isEnabledFor(logging.INFO):
+        # makeRecord, not info(): the caller's file and line mean nothing here and cost a stack walk.
+        line = access_logger.makeRecord(access_logger.name, logging.INFO, "", 0, record.json_line(), (), None)
+        access_logger.handle(line)
 
 
-def start_access_log() -> logging.handlers.QueueListener:
-    """Send access lines to stdout from a thread; stop the returned listener to flush at exit."""
-    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    stdout = logging.StreamHandler(sys.stdout)
-    stdout.setFormatter(logging.Formatter("%(message)s"))
-    access_logger.addHandler(logging.handlers.QueueHandler(lines))
+class BatchedStdout(logging.Handler):
+    """Collects access lines and lets a thread write them to stdout every `interval_s`, many at once.
+
+    A line per write, or a queue hand-off per line, costs the event loop more than the line itself.
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        super().__init__()
+        self._lines: deque[str] = deque()  # append and popleft are atomic: no lock, no line lost
+        self._interval_s = interval_s
+        self._stopping = threading.Event()
+        self._writer = threading.Thread(target=self._run, name="files-proxy-access-log", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._lines.append(record.getMessage())
+
+    def stop(self) -> None:
+        """Write what is left and end the thread."""
+        self._stopping.set()
+        self._writer.join()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval_s):
+            self._write()
+        self._write()
+
+    def _write(self) -> None:
+        batch = []
+        while self._lines:
+            batch.append(self._lines.popleft())
+        if batch:
+            sys.stdout.write("\n".join(batch) + "\n")
+            sys.stdout.flush()
+
+
+def start_access_log() -> BatchedStdout:
+    """Send access lines to stdout from a thread; stop the returned handler to flush at exit."""
+    handler = BatchedStdout()
+    access_logger.addHandler(handler)
     access_logger.propagate = False
-    listener = logging.handlers.QueueListener(lines, stdout)
-    listener.start()
-    return listener
+    return handler

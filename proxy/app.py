@@ -59,7 +59,11 @@ def create_app(
         cache_config.url, max_connections=cache_config.max_connections, timeout_s=cache_config.timeout_s
     )
     cache = ResponseCache(
-        CachePolicy(cache_config), store, collapse_timeout_s=cache_config.collapse_timeout_s, clock=clock
+        CachePolicy(cache_config),
+        store,
+        collapse_timeout_s=cache_config.collapse_timeout_s,
+        local_ttl_s=cache_config.local_ttl_s,
+        clock=clock,
     )
     handler = FilesHandler(settings, upstream, cache, RateLimiter(store))
     metrics = Metrics(cache_available=lambda: not store.breaker.is_open)

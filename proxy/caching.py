@@ -4,7 +4,8 @@ Concurrent misses on one key in this process make one upstream request (single-f
 others wait up to `collapse_timeout_s`, then fetch for themselves without storing. A list page past
 its freshness stands in for an upstream failure while within `stale_if_error_s`. A store that is
 down turns every read into a miss; invalidations it could not take are kept and written first
-when it returns, so a delete is never forgotten.
+when it returns, so a delete is never forgotten. Hits are copied for `local_ttl_s` into this
+process's memory (`local_cache.py`), which bounds how late another replica's delete is seen.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from proxy.cache import (
     stale_status,
 )
 from proxy.errors import ProxyError, UpstreamError
+from proxy.local_cache import LocalCache
 from proxy.routes import Operation
 from proxy.store import CacheUnavailableError, RedisStore
 
@@ -59,11 +61,13 @@ class ResponseCache:
         store: RedisStore,
         *,
         collapse_timeout_s: float,
+        local_ttl_s: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
         self.store = store
         self.clock = clock
+        self._local = LocalCache(local_ttl_s, clock)
         self._collapse_timeout_s = collapse_timeout_s
         self._inflight: dict[str, asyncio.Future[_Outcome]] = {}
         self._pending: deque[Write] = deque(maxlen=_MAX_PENDING_WRITES)
@@ -101,8 +105,13 @@ class ResponseCache:
                 outcome.set_result(None)
             del self._inflight[flight_key]
 
-    async def invalidate(self, writes: Sequence[Write]) -> None:
-        """Write now, or keep the writes for when the store returns: never lose an invalidation."""
+    async def invalidate(self, target: CacheTarget, writes: Sequence[Write]) -> None:
+        """Write now, or keep the writes for when the store returns: never lose an invalidation.
+
+        The scope's in-process copies go before the write (lookups in flight must not put them back)
+        and again after it (a lookup that started meanwhile read the store before the write).
+        """
+        self._local.drop_scope(target.scope)
         try:
             await self._flush_pending()
             await self.store.write(writes)
@@ -110,6 +119,7 @@ class ResponseCache:
             if len(self._pending) + len(writes) > _MAX_PENDING_WRITES:
                 logger.error("over %d cache writes held for the store; oldest dropped", _MAX_PENDING_WRITES)
             self._pending.extend(writes)
+        self._local.drop_scope(target.scope)
 
     async def _flush_pending(self) -> None:
         if self._pending:
@@ -120,6 +130,16 @@ class ResponseCache:
 
     async def _lookup(self, target: CacheTarget) -> tuple[Entry | None, int]:
         """The stored entry if it is still valid, and the scope's current list generation."""
+        copied = self._local.get(target.scope, target.key, target.variant)
+        if copied is not None:
+            return copied
+        epoch = self._local.epoch(target.scope)
+        entry, generation = await self._lookup_store(target)
+        if entry is not None:
+            self._local.put(target.scope, target.key, target.variant, entry, generation, epoch)
+        return entry, generation
+
+    async def _lookup_store(self, target: CacheTarget) -> tuple[Entry | None, int]:
         if target.operation is Operation.LIST:
             raw_generation, raw_page = await self.store.mget([target.generation_key, target.key])
             generation = int(raw_generation or 0)
@@ -166,6 +186,7 @@ class ResponseCache:
             await self.store.write(writes)
         except CacheUnavailableError:
             return Answer(entry, BYPASS_STATUS)
+        self._local.discard(target.scope, target.key, target.variant)  # older, if no-cache asked
         return Answer(entry, forward_status("request" if no_cache else "uri-miss", stored=bool(writes)))
 
 

@@ -11,9 +11,10 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from pydantic import HttpUrl
@@ -91,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(settings, load_settings=lambda: load_settings(args.config))
     access_log = start_access_log()
     try:
-        asyncio.run(
+        _run_on_server_loop(
             _run_servers(
                 [(app, bind_listener(args.host, args.port))],
                 args.log_level,
@@ -127,7 +128,7 @@ def _hash_key(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     listener = bind_listener(args.host, args.port)
     print(f"Files API simulator on {_url(listener)} (any API key is accepted)", flush=True)
-    asyncio.run(_run_servers([(Simulator(latency_ms=args.latency_ms).app, listener)], args.log_level))
+    _run_on_server_loop(_run_servers([(Simulator(latency_ms=args.latency_ms).app, listener)], args.log_level))
     return 0
 
 
@@ -160,7 +161,7 @@ def _demo(args: argparse.Namespace) -> int:
         (simulator.app, simulator_listener),
         (create_app(settings), proxy_listener),
     ]
-    asyncio.run(_run_servers(servers, "warning" if args.log_level == "info" else args.log_level))
+    _run_on_server_loop(_run_servers(servers, "warning" if args.log_level == "info" else args.log_level))
     return 0
 
 
@@ -202,6 +203,14 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def _run_on_server_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on the event loop `uvicorn.run` would pick: uvloop when it is installed (it is, with
+    uvicorn[standard]). Plain `asyncio.run` would quietly serve on the slower stdlib loop."""
+    loop_factory = uvicorn.Config(app=_run_servers, log_config=None).get_loop_factory()
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main)
 
 
 async def _run_servers(

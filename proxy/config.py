@@ -52,6 +52,9 @@ class CacheConfig(_Section):
     stale_if_error_s: Annotated[int, Field(ge=0)] = 300
     negative_ttl_s: Annotated[int, Field(ge=0)] = 5
     collapse_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # How long a hit may be answered from this process's memory: the bound on how late an upload or
+    # delete through another replica is seen here. 0 turns the in-process copy off.
+    local_ttl_s: Annotated[float, Field(ge=0, le=60)] = 1.0
     timeout_s: Annotated[float, Field(gt=0)] = 1.0
     max_connections: Annotated[int, Field(ge=1)] = 50
 

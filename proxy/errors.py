@@ -17,6 +17,7 @@ written for the client and never contain hosts, keys or tracebacks.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 
 from starlette.responses import JSONResponse
@@ -76,9 +77,15 @@ class UpstreamTimeoutError(UpstreamError):
     error_type = "timeout_error"
 
 
+# Ids need to be unique, not secret: a random prefix per process and a counter are unique across
+# replicas and cost no system call per request.
+_ID_PREFIX = "req_fp" + secrets.token_hex(5)
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
     """A proxy-made request id: `req_` like Anthropic's, `fp` so support can tell whose it is."""
-    return "req_fp" + secrets.token_hex(11)
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 def error_response(status_code: int, error_type: str, message: str, request_id: str) -> JSONResponse:

@@ -57,9 +57,9 @@ class FilesHandler:
             match.file_id,
             request.scope["query_string"],
         )
-        headers = _upstream_headers(request, caller)
 
         async def send(body: AsyncIterator[bytes] | None = None) -> UpstreamReply:
+            headers = _upstream_headers(request, caller)
             started = time.perf_counter()
             try:
                 path, query = match.upstream_path, request.scope["query_string"]
@@ -73,12 +73,12 @@ class FilesHandler:
             body = self._upload_body(request)
             entry = await self._read_whole(lambda: send(body))
             if entry.status == 200:
-                await self._cache.invalidate(self._cache.policy.writes_after_upload(target, entry))
+                await self._cache.invalidate(target, self._cache.policy.writes_after_upload(target, entry))
             return answer_response(Answer(entry, METHOD_STATUS))
         if operation is Operation.DELETE:
             entry = await self._read_whole(send)
             if entry.status in (200, 404):
-                await self._cache.invalidate(self._cache.policy.writes_after_delete(target))
+                await self._cache.invalidate(target, self._cache.policy.writes_after_delete(target))
             return answer_response(Answer(entry, METHOD_STATUS))
         no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
         answer = await self._cache.read(target, lambda: self._read_whole(send), no_cache=no_cache)

@@ -7,6 +7,8 @@ collapsed to a few values: nothing a client sends can create a new time series.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -90,14 +92,27 @@ class Metrics:
         route = record.route or "other"
         method = record.method if record.method in _METHODS else "other"
         status_class = f"{record.status // 100}xx"
-        self.requests.labels(
-            workspace, record.tenant or "none", route, method, status_class, record.cache
-        ).inc()
-        self.request_seconds.labels(route, record.cache).observe(record.duration_ms / 1000)
+        series = self._series(workspace, record.tenant or "none", route, method, status_class, record.cache)
+        requests, request_seconds, upstream_seconds, bytes_in, bytes_out = series
+        requests.inc()
+        request_seconds.observe(record.duration_ms / 1000)
         if record.upstream_ms is not None:
-            self.upstream_seconds.labels(route).observe(record.upstream_ms / 1000)
-        self.bytes_in.labels(workspace).inc(record.bytes_in)
-        self.bytes_out.labels(workspace).inc(record.bytes_out)
+            upstream_seconds.observe(record.upstream_ms / 1000)
+        bytes_in.inc(record.bytes_in)
+        bytes_out.inc(record.bytes_out)
+
+    @cache  # noqa: B019 - one per app, like the registry; the label sets are bounded (see above)
+    def _series(
+        self, workspace: str, tenant: str, route: str, method: str, status_class: str, cache_result: str
+    ) -> tuple[Any, ...]:
+        """The children one request updates: `labels()` takes a lock and builds keys on every call."""
+        return (
+            self.requests.labels(workspace, tenant, route, method, status_class, cache_result),
+            self.request_seconds.labels(route, cache_result),
+            self.upstream_seconds.labels(route),
+            self.bytes_in.labels(workspace),
+            self.bytes_out.labels(workspace),
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,7 +15,7 @@ from urllib.parse import unquote_to_bytes
 from proxy.errors import InvalidRequestError, MethodNotAllowedError, NotFoundError
 
 _FILE_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
-_FORBIDDEN_IN_SEGMENT = (b"/", b"\\", b"\x00")
+_FORBIDDEN_IN_SEGMENT = re.compile(rb"[/\\\x00]")
 
 
 class Operation(Enum):
@@ -75,8 +75,8 @@ def resolve(method: str, raw_path: bytes) -> RouteMatch:
 
 
 def _decode_segment(segment: bytes) -> str:
-    decoded = unquote_to_bytes(segment)
-    if any(forbidden in decoded for forbidden in _FORBIDDEN_IN_SEGMENT):
+    decoded = unquote_to_bytes(segment) if b"%" in segment else segment
+    if _FORBIDDEN_IN_SEGMENT.search(decoded):
         raise InvalidRequestError("Invalid path: encoded slashes, backslashes and NUL bytes are not allowed.")
     if decoded in (b".", b".."):
         raise InvalidRequestError("Invalid path: dot segments are not allowed.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import socket
@@ -10,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import uvloop
 
-from proxy.cli import bind_listener, main
+from proxy.cli import _run_on_server_loop, bind_listener, main
 from proxy.config import hash_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,3 +187,14 @@ def test_the_listener_hands_out_connections_with_nagle_off() -> None:
         accepted, _ = listener.accept()
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_servers_run_on_uvloop_as_uvicorn_run_would() -> None:
+    """`asyncio.run` would serve on the stdlib loop, which costs about a third more per request."""
+    seen: list[object] = []
+
+    async def note_loop() -> None:
+        seen.append(asyncio.get_running_loop())
+
+    _run_on_server_loop(note_loop())
+    assert isinstance(seen[0], uvloop.Loop)

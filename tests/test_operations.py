@@ -27,6 +27,7 @@ from tests.support import (
     ALPHA,
     BRAVO,
     WATCH,
+    FakeClock,
     RedisClusterNodes,
     RedisServer,
     Served,
@@ -210,26 +211,36 @@ def test_admin_reload_applies_a_good_config_and_refuses_a_bad_one(
 
 
 def test_two_replicas_share_one_redis(simulator_url: str, redis_server: RedisServer) -> None:
-    """A page cached by one replica is a hit on the other; a delete through one takes effect on the
-    other at once (there is no per-replica metadata cache, so the bound is zero)."""
+    """A page cached by one replica is a hit on the other. A delete through one takes effect on the
+    other within `local_ttl_s` (its in-process copy of a hit lives that long), and on the replica
+    that made it at once."""
     settings = Settings(
         tenants=(ALPHA.tenant(), BRAVO.tenant()),
         upstream=UpstreamConfig(base_url=HttpUrl(simulator_url)),
-        cache=CacheConfig(url=redis_server.url),
+        cache=CacheConfig(url=redis_server.url, local_ttl_s=2),
     )
-    with Served(create_app(settings)) as one, Served(create_app(settings)) as two:
+    clock = FakeClock()
+    with Served(create_app(settings, clock=clock)) as one, Served(create_app(settings, clock=clock)) as two:
         with (
             anthropic.Anthropic(base_url=one.url, api_key=ALPHA.proxy_key, max_retries=0) as first,
             anthropic.Anthropic(base_url=two.url, api_key=ALPHA.proxy_key, max_retries=0) as second,
         ):
             uploaded = first.files.upload(file=("shared.txt", b"shared", "text/plain"))
             assert second.files.retrieve_metadata(uploaded.id) == uploaded  # filled by replica one
+            assert first.files.retrieve_metadata(uploaded.id) == uploaded  # now copied in replica one
             page = first.files.with_raw_response.list()
             again = second.files.with_raw_response.list()
             assert again.headers["cache-status"].startswith("files-proxy; hit")
             assert again.http_response.content == page.http_response.content
+            first.files.list()  # the page is now copied in replica one too
 
             second.files.delete(uploaded.id)
+            with pytest.raises(anthropic.NotFoundError):
+                second.files.retrieve_metadata(uploaded.id)
+            assert uploaded.id not in {f.id for f in second.files.list()}
+            # Replica one still answers from its copy, but only within the bound.
+            assert first.files.retrieve_metadata(uploaded.id) == uploaded
+            clock.advance(2)
             with pytest.raises(anthropic.NotFoundError):
                 first.files.retrieve_metadata(uploaded.id)
             assert uploaded.id not in {f.id for f in first.files.list()}
