@@ -2,7 +2,7 @@
 Redis killed and restarted in the middle, and the run checks that nothing was lost, mixed or leaked.
 
     .venv/bin/python -m bench.soak [--duration 60] [--tenants 3] [--concurrency 32]
-                                   [--redis-restart-at 0.5] [--redis-down-s 3] [--json]
+                                   [--redis-restart-at 0.5] [--redis-down-s 3] [--json] [--workdir DIR]
 
 Everything runs in its own processes on free loopback ports: the Files API simulator (any key is its
 own workspace), a real redis-server without persistence, and `files-proxy serve` with a generated
@@ -256,6 +256,10 @@ class Soak:
 
     async def run(self) -> dict[str, Any]:
         options = self.options
+        # SIGTERM cancels the run as Ctrl-C does, so that `run` stops every process it started.
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
         # The proxy's server closes a connection idle for 5 s (uvicorn's default), and httpx's own
         # default expiry is also 5 s: a request sent on a connection as it is being closed then fails
         # with a reset that the proxy never saw. Clients should expire idle connections first.
@@ -735,11 +739,11 @@ def _options(args: argparse.Namespace) -> Options:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     options = _options(args)
-    # SIGTERM unwinds like Ctrl-C, so the child processes are always stopped.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # Before and after the event loop runs, SIGTERM unwinds like Ctrl-C too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         report = run(options, args.workdir)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench.soak: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
     print(json.dumps(report, indent=2) if args.json else format_report(report))
