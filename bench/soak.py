@@ -44,7 +44,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import psutil
@@ -138,6 +138,7 @@ class _Processes:
         self.proxy: subprocess.Popen[bytes] | None = None
         self.proxy_stdout = folder / "proxy.stdout.log"
         self.proxy_stderr = folder / "proxy.stderr.log"
+        self._outputs = contextlib.ExitStack()  # the children's output files, closed in `stop`
 
     def start(self, teams: list[Team], options: Options) -> None:
         self.start_redis()
@@ -145,19 +146,22 @@ class _Processes:
             [sys.executable, "-m", "proxy", "--log-level", "warning", "simulate"]
             + ["--port", str(self.simulator_port), "--latency-ms", str(options.upstream_latency_ms)],
             stdout=subprocess.DEVNULL,
-            stderr=(self.folder / "simulator.log").open("wb"),
+            stderr=self._output(self.folder / "simulator.log"),
         )
         config = self.folder / "config.toml"
         config.write_text(_config_toml(self.simulator_url, self.redis_port, teams), encoding="utf-8")
         environment = {**os.environ, **{team.env_name: team.upstream_key for team in teams}}
         self.proxy = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(self.proxy_port)],
-            stdout=self.proxy_stdout.open("wb"),
-            stderr=self.proxy_stderr.open("wb"),
+            stdout=self._output(self.proxy_stdout),
+            stderr=self._output(self.proxy_stderr),
             env=environment,
         )
         _wait_http(f"{self.simulator_url}/_simulator/health", self.simulator)
         _wait_http(f"{self.proxy_url}/healthz", self.proxy)
+
+    def _output(self, path: Path) -> BinaryIO:
+        return self._outputs.enter_context(path.open("wb"))
 
     def start_redis(self) -> None:
         binary = shutil.which("redis-server")
@@ -210,6 +214,7 @@ class _Processes:
                 self.simulator.kill()
                 self.simulator.wait()
         self.kill_redis()
+        self._outputs.close()
 
 
 class Soak:
