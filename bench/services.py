@@ -1,0 +1,210 @@
+"""The servers a bench run measures, each in its own process group on a free loopback port.
+
+Everything started here is registered on one `contextlib.ExitStack`, so a failure, Ctrl-C or a
+normal exit stops it all: no stray simulator, proxy, Redis or nginx outlives the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from proxy.config import hash_key
+
+_BENCH_DIR = Path(__file__).resolve().parent
+_UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The proxy key clients present and the tenant's upstream key it is swapped for."""
+
+    proxy_key: str
+    upstream_key: str
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    url: str
+    port: int
+    pid: int
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Services:
+    """Starts servers; `close()` (or leaving the `with`) stops every one of them."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Services:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def simulator(self, latency_ms: float) -> Service:
+        port = free_port()
+        command = [_files_proxy(), "simulate", "--port", str(port), "--latency-ms", str(latency_ms)]
+        return self._spawn("simulator", command, port, ready=lambda url: _answers(f"{url}/_simulator/health"))
+
+    def redis(self) -> Service:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run scripts/ensure-redis-server")
+        port = free_port()
+        command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        service = self._spawn("redis", command, port, cwd=self.workdir, ready=lambda url: _redis_pong(port))
+        return Service("redis", f"redis://127.0.0.1:{port}/0", port, service.pid)
+
+    def proxy(self, name: str, upstream_url: str, cache_url: str, keys: Keys) -> Service:
+        """`files-proxy serve` with a generated config; its access lines go to a file, as a real
+        deployment writes them somewhere (logging stays on: it is part of the cost)."""
+        port = free_port()
+        config = self.workdir / f"{name}.toml"
+        config.write_text(_proxy_config(upstream_url, cache_url, keys))
+        command = [_files_proxy(), "serve", "--config", str(config), "--port", str(port)]
+        env = {**os.environ, _UPSTREAM_KEY_ENV: keys.upstream_key}
+        log = self.workdir / f"{name}.access.log"
+        return self._spawn(
+            name, command, port, env=env, stdout=log, ready=lambda url: _answers(f"{url}/healthz")
+        )
+
+    def bare(self, bodies_file: Path) -> Service:
+        port = free_port()
+        command = [sys.executable, "-m", "bench.bare", "--port", str(port), "--bodies", str(bodies_file)]
+        return self._spawn(
+            "bare", command, port, cwd=_BENCH_DIR.parent, ready=lambda url: _answers(f"{url}/healthz")
+        )
+
+    def nginx(self, upstream_port: int) -> Service:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(binary).exists():
+            raise RuntimeError("nginx is not installed (apt-get install nginx)")
+        port = free_port()
+        prefix = self.workdir / "nginx"
+        prefix.mkdir()
+        template = (_BENCH_DIR / "nginx.conf.template").read_text()
+        user = "user root;" if os.geteuid() == 0 else ""
+        config = template.format(prefix=prefix, port=port, upstream_port=upstream_port, user=user)
+        (prefix / "nginx.conf").write_text(config)
+        command = [
+            binary,
+            "-p",
+            str(prefix),
+            "-c",
+            str(prefix / "nginx.conf"),
+            "-e",
+            str(prefix / "error.log"),
+        ]
+        return self._spawn("nginx", command, port, ready=lambda url: _answers(f"{url}/nginx-health"))
+
+    def _spawn(
+        self,
+        name: str,
+        command: list[str],
+        port: int,
+        *,
+        ready: Callable[[str], bool],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        stdout: Path | None = None,
+    ) -> Service:
+        stderr_path = self.workdir / f"{name}.stderr"
+        with contextlib.ExitStack() as files:
+            out: IO[bytes] | int = (
+                files.enter_context(stdout.open("wb")) if stdout is not None else subprocess.DEVNULL
+            )
+            err = files.enter_context(stderr_path.open("wb"))
+            process = subprocess.Popen(
+                command, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True
+            )
+        self._stack.callback(_stop, process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while not ready(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                detail = stderr_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} did not start ({' '.join(command)}):\n{detail}")
+            time.sleep(0.05)
+        return Service(name, url, port, process.pid)
+
+
+def server_runtime(pid: int) -> str:
+    """Which event loop and HTTP parser a Python server process really loaded (from its memory
+    map, so it is what runs, not what its config asks for): e.g. "uvloop+httptools"."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return "unknown"
+    loop = "uvloop" if "/uvloop/" in maps else "asyncio"
+    parser = "httptools" if "/httptools/" in maps else "h11"
+    return f"{loop}+{parser}"
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the whole process group (nginx has workers), then SIGKILL if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _proxy_config(upstream_url: str, cache_url: str, keys: Keys) -> str:
+    # 500 MB is the Files API's limit for the file itself; the multipart envelope adds a little.
+    return (
+        f'[upstream]\nbase_url = "{upstream_url}"\n\n'
+        f'[cache]\nurl = "{cache_url}"\n\n'
+        "[limits]\nmax_upload_bytes = 600000000\n\n"
+        f'[[tenants]]\nname = "bench"\nworkspace = "bench"\napi_key_env = "{_UPSTREAM_KEY_ENV}"\n'
+        f'client_key_sha256 = ["{hash_key(keys.proxy_key)}"]\n'
+    )
+
+
+def _files_proxy() -> str:
+    """The console script of the interpreter running the bench (the venv's)."""
+    script = Path(sys.executable).parent / "files-proxy"
+    return str(script) if script.exists() else "files-proxy"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _redis_pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False

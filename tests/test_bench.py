@@ -1,0 +1,79 @@
+"""The bench's smoke run, end to end: real simulator, redis-server and proxy processes, no wrk or nginx.
+
+It checks the results, not only that the harness ran: one upstream request for many concurrent misses,
+a download through the proxy byte for byte the direct one, an upload stored whole, and the table,
+JSON and PNG written. Then no process of the run may be left.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+
+from bench.__main__ import main
+from bench.load import parse_wrk_output
+from bench.table import Row, markdown_table
+
+
+def _descendants() -> set[int]:
+    return {child.pid for child in psutil.Process().children(recursive=True)}
+
+
+def test_smoke_run_measures_single_flight_and_streaming(tmp_path: Path) -> None:
+    before = _descendants()
+
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+
+    assert _descendants() <= before, "the bench left a process running"
+    rows = json.loads((tmp_path / "latest.json").read_text())["rows"]
+    flight = next(row for row in rows if "concurrent GETs" in row["scenario"])
+    assert flight["numbers"]["upstream_requests"] == 1
+    assert flight["numbers"]["ok"] == flight["numbers"]["requests"] == 100
+    transfers = [row for row in rows if row["server"] == "proxy (redis)" and "MB" in row["scenario"]]
+    assert [row["scenario"] for row in transfers] == ["4 MB download", "4 MB upload"]
+    for row in transfers:
+        assert "BYTES DIFFER" not in row["measured"] and "status" not in row["measured"]
+        assert row["numbers"]["mb_per_s"] > 0
+    table = (tmp_path / "latest.md").read_text()
+    assert "| 100 concurrent GETs of one uncached file | proxy (redis) |" in table
+    assert "machine: " in table and "command: `python -m bench" in table
+    assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_wrk_summary_line_is_parsed() -> None:
+    stdout = (
+        "Running 1s test @ http://127.0.0.1:1\n"
+        'BENCH_JSON {"requests":1200,"duration_s":1.002,"rps":1197.6,"p50_ms":0.812,"p99_ms":3.5,'
+        '"status_errors":1,"socket_errors":2,"errors":3}\n'
+    )
+    result = parse_wrk_output(stdout)
+    assert (result.requests, result.rps, result.p50_ms, result.p99_ms, result.errors) == (
+        1200,
+        1197.6,
+        0.812,
+        3.5,
+        3,
+    )
+
+
+def test_wrk_output_without_summary_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="BENCH_JSON"):
+        parse_wrk_output("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_table_marks_baselines_and_misses() -> None:
+    rows = [
+        Row("metadata hit", "bare Starlette", "baseline", "9,000 req/s", None),
+        Row("metadata hit", "proxy (redis)", ">= 0.8 x bare", "0.9 x bare", True),
+        Row("list-page hit", "proxy (redis)", ">= 0.7 x bare", "0.5 x bare", False),
+    ]
+    lines = markdown_table(rows).splitlines()
+    assert lines[0] == "| scenario | server | target | measured | met |"
+    assert lines[2:] == [
+        "| metadata hit | bare Starlette | baseline | 9,000 req/s | — |",
+        "| metadata hit | proxy (redis) | >= 0.8 x bare | 0.9 x bare | yes |",
+        "| list-page hit | proxy (redis) | >= 0.7 x bare | 0.5 x bare | **no** |",
+    ]
