@@ -122,11 +122,18 @@ class ResponseCache:
         self._local.drop_scope(target.scope)
 
     async def _flush_pending(self) -> None:
-        if self._pending:
-            writes = list(self._pending)
-            await self.store.write(writes)
-            logger.info("wrote %d cache invalidations held while the store was away", len(writes))
-            self._pending.clear()
+        """Write the invalidations held while the store was away. The batch is taken out first, so
+        concurrent requests neither write it twice nor lose what is added meanwhile; if the write
+        fails, it goes back in front of anything newer."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, deque(maxlen=_MAX_PENDING_WRITES)
+        try:
+            await self.store.write(list(batch))
+        except CacheUnavailableError:
+            self._pending.extendleft(reversed(batch))
+            raise
+        logger.info("wrote %d cache invalidations held while the store was away", len(batch))
 
     async def _lookup(self, target: CacheTarget) -> tuple[Entry | None, int]:
         """The stored entry if it is still valid, and the scope's current list generation."""

@@ -1,0 +1,63 @@
+"""ResponseCache against a scripted store: what happens to held invalidations when calls race."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, cast
+
+import pytest
+
+from proxy.cache import CachePolicy, Delete, Write, target_for
+from proxy.caching import ResponseCache
+from proxy.config import CacheConfig
+from proxy.routes import Operation
+from proxy.store import CacheUnavailableError, RedisStore
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class ScriptedStore:
+    """Writes fail while `down`; the first write after `hold` waits until it is released."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.hold: asyncio.Event | None = None
+        self.written: list[Write] = []
+
+    async def write(self, writes: Sequence[Write]) -> None:
+        if self.down:
+            raise CacheUnavailableError("down")
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            await hold.wait()
+        self.written += writes
+
+
+def delete_target(file_id: str) -> Any:
+    return target_for(Operation.DELETE, "scope", None, "2026-10-21", [], file_id, b"")
+
+
+async def test_an_invalidation_held_during_the_flush_of_older_ones_is_not_lost() -> None:
+    store = ScriptedStore()
+    cache = ResponseCache(CachePolicy(CacheConfig()), cast(RedisStore, store), collapse_timeout_s=1)
+    store.down = True
+    await cache.invalidate(delete_target("a"), [Delete("a")])  # held: the store is away
+
+    release = asyncio.Event()
+    store.down, store.hold = False, release
+    flushing = asyncio.create_task(cache.invalidate(delete_target("b"), [Delete("b")]))
+    await asyncio.sleep(0)  # the held "a" is being written, and waits
+    store.down = True  # the breaker opens again before that write returns
+    await cache.invalidate(delete_target("c"), [Delete("c")])  # held again
+    store.down = False
+    release.set()
+    await flushing
+    await cache.invalidate(delete_target("d"), [Delete("d")])  # writes what is held first
+
+    assert store.written == [Delete("a"), Delete("b"), Delete("c"), Delete("d")]
