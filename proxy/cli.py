@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
 from pydantic import HttpUrl
@@ -109,11 +110,21 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     print(f"{args.config}: OK")
     print(f"  upstream: {settings.upstream.origin}")
-    print(f"  cache:    {settings.cache.url}")
+    print(f"  cache:    {_without_password(settings.cache.url)}")
     for tenant in settings.tenants:
         keys = len(tenant.client_key_hashes)
         print(f"  tenant {tenant.name}: workspace {tenant.workspace}, {keys} proxy key(s)")
     return 0
+
+
+def _without_password(url: str) -> str:
+    """A store URL fit to print: `redis://user:secret@host` shows as `redis://user:***@host`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
 
 
 def _hash_key(args: argparse.Namespace) -> int:

@@ -125,6 +125,22 @@ def test_check_config_good_file(
         assert secret not in captured.err
 
 
+def test_check_config_does_not_print_the_store_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV_ALPHA, KEY_ALPHA)
+    path = write_config(tmp_path)
+    path.write_text(
+        path.read_text().replace('url = "memory://"', 'url = "redis://cache:s3cret-pw@redis.internal:6379/0"')
+    )
+
+    assert main(["check-config", "--config", str(path)]) == 0
+
+    out = capsys.readouterr().out
+    assert "cache:    redis://cache:***@redis.internal:6379/0" in out
+    assert "s3cret-pw" not in out
+
+
 def test_check_config_bad_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
