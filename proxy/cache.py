@@ -17,6 +17,7 @@ and the tombstone. A page whose generation is not current is unreachable at once
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -150,8 +151,7 @@ def target_for(
 ) -> CacheTarget:
     """The cache target of a Files request (any operation: uploads and deletes need the scope)."""
     scope = tenant_scope if workspace_id is None else f"{tenant_scope}.{_short_hash(workspace_id)}"
-    betas = sorted({beta.strip() for value in anthropic_betas for beta in value.split(",") if beta.strip()})
-    variant = _short_hash(f"{anthropic_version or ''}|{','.join(betas)}")
+    variant = _variant(anthropic_version, tuple(anthropic_betas))
     if operation is Operation.LIST:
         key = f"fp:{{{scope}}}:list:{variant}:{_short_hash(normalise_query(query))}"
     elif file_id is not None:
@@ -159,6 +159,13 @@ def target_for(
     else:
         key = ""  # an upload: only its scope and variant matter
     return CacheTarget(operation=operation, scope=scope, variant=variant, key=key)
+
+
+@functools.lru_cache(maxsize=256)
+def _variant(anthropic_version: str | None, anthropic_betas: tuple[str, ...]) -> str:
+    """The hash of the headers that change an answer's shape (few distinct values: remembered)."""
+    betas = sorted({beta.strip() for value in anthropic_betas for beta in value.split(",") if beta.strip()})
+    return _short_hash(f"{anthropic_version or ''}|{','.join(betas)}")
 
 
 def normalise_query(query: bytes) -> str:

@@ -121,11 +121,11 @@ class Tenant:
     client_key_hashes: frozenset[str]
     api_key: str = field(repr=False)
     rate_limit: RateLimit | None = None
+    # Cache entries are scoped by the upstream key's hash, never by the key itself.
+    cache_scope: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def cache_scope(self) -> str:
-        """Cache entries are scoped by the upstream key's hash, never by the key itself."""
-        return hashlib.sha256(self.api_key.encode()).hexdigest()[:32]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache_scope", hashlib.sha256(self.api_key.encode()).hexdigest()[:32])
 
 
 @dataclass(frozen=True, slots=True)
