@@ -71,7 +71,7 @@ def plot(rows: list[Row], path: Path) -> None:
         axis.set_xlabel(units[scenario], fontsize=8)
         axis.tick_params(labelsize=8)
     figure.suptitle("files-proxy bench (grey: baseline, green: target met, red: missed)", fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / len(panels)))
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
