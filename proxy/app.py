@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 
 import httpx
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, request_response
@@ -141,6 +142,7 @@ def create_app(
         ],
         exception_handlers={
             ProxyError: _render_proxy_error,
+            HTTPException: _render_http_exception,
             ClientDisconnect: _client_gone,
             Exception: _render_unexpected,
         },
@@ -179,6 +181,15 @@ async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
     response = error_response(exc.status_code, exc.error_type, exc.message, _request_id(request))
     response.headers.update(exc.headers)
+    return response
+
+
+async def _render_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own answers (a request target that is no path, as in `OPTIONS *`: 404), enveloped."""
+    assert isinstance(exc, HTTPException)
+    error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    response = error_response(exc.status_code, error_type, exc.detail, _request_id(request))
+    response.headers.update(exc.headers or {})
     return response
 
 
