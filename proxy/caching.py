@@ -49,7 +49,7 @@ class Answer:
 
 Fetch = Callable[[], Awaitable[Entry]]
 # What a single-flight leader hands its waiters: the answer, the error, or None ("fetch yourself").
-_Outcome = Entry | ProxyError | None
+_Outcome = Answer | ProxyError | None
 
 
 class ResponseCache:
@@ -91,7 +91,7 @@ class ResponseCache:
         self._inflight[flight_key] = outcome
         try:
             answer = await self._fetch_and_store(target, fetch, stale, generation, available, no_cache)
-            outcome.set_result(answer.entry)
+            outcome.set_result(answer)
             return answer
         except ProxyError as exc:
             outcome.set_result(exc)
@@ -136,8 +136,10 @@ class ResponseCache:
             outcome = await asyncio.wait_for(asyncio.shield(leader), self._collapse_timeout_s)
         except TimeoutError:
             outcome = None
-        if isinstance(outcome, Entry):
-            return Answer(outcome, forward_status("uri-miss", collapsed=True))
+        if isinstance(outcome, Answer):
+            if outcome.age is not None:  # a stale page stood in for a failure: say so here too
+                return outcome
+            return Answer(outcome.entry, forward_status("uri-miss", collapsed=True))
         if isinstance(outcome, ProxyError):
             raise type(outcome)(outcome.message, headers=outcome.headers)
         return Answer(await fetch(), forward_status("uri-miss"))
