@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime
 
 import httpx
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -213,6 +214,15 @@ async def _render_proxy_error(request: Request, exc: Exception) -> Response:
     return response
 
 
+async def _render_http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own answers (a request target that is no path, as in `OPTIONS *`: 404), enveloped."""
+    assert isinstance(exc, HTTPException)
+    error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    response = error_response(exc.status_code, error_type, exc.detail, _request_id(request))
+    response.headers.update(exc.headers or {})
+    return response
+
+
 async def _client_gone(request: Request, exc: Exception) -> Response:
     """The client left mid-request; the upstream request was already abandoned with it."""
     logger.info("client disconnected during the request")
@@ -228,6 +238,7 @@ _ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
 # The first match wins, so the catch-all comes last.
 _ERROR_RENDERERS: tuple[tuple[type[Exception], _ErrorRenderer], ...] = (
     (ProxyError, _render_proxy_error),
+    (HTTPException, _render_http_exception),
     (ClientDisconnect, _client_gone),
     (Exception, _render_unexpected),
 )

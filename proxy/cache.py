@@ -169,9 +169,14 @@ def _variant(anthropic_version: str | None, anthropic_betas: tuple[str, ...]) ->
 
 
 def normalise_query(query: bytes) -> str:
-    """Order-independent form of a query string; repeated keys keep all their values."""
-    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    return urlencode(sorted(pairs))
+    """The query string with its names in order; a repeated name keeps its values in their order.
+
+    Only the order of different names is free: a server may read the first or the last of repeated
+    values, so `limit=1&limit=2` and `limit=2&limit=1` are different requests. Escapes decode as
+    latin-1, so that two different bytes never become one character (UTF-8 would make both U+FFFD).
+    """
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    return urlencode(sorted(pairs, key=lambda pair: pair[0]))
 
 
 def is_upstream_failure(status: int) -> bool:

@@ -51,7 +51,7 @@ class Answer:
 
 Fetch = Callable[[], Awaitable[Entry]]
 # What a single-flight leader hands its waiters: the answer, the error, or None ("fetch yourself").
-_Outcome = Entry | ProxyError | None
+_Outcome = Answer | ProxyError | None
 
 
 class ResponseCache:
@@ -95,7 +95,7 @@ class ResponseCache:
         self._inflight[flight_key] = outcome
         try:
             answer = await self._fetch_and_store(target, fetch, stale, generation, available, no_cache)
-            outcome.set_result(answer.entry)
+            outcome.set_result(answer)
             return answer
         except ProxyError as exc:
             outcome.set_result(exc)
@@ -103,7 +103,9 @@ class ResponseCache:
         finally:
             if not outcome.done():
                 outcome.set_result(None)
-            del self._inflight[flight_key]
+            # A no-cache fetch may have taken the key over meanwhile; it removes its own entry.
+            if self._inflight.get(flight_key) is outcome:
+                del self._inflight[flight_key]
 
     async def invalidate(self, target: CacheTarget, writes: Sequence[Write]) -> None:
         """Write now, or keep the writes for when the store returns: never lose an invalidation.
@@ -163,8 +165,10 @@ class ResponseCache:
             outcome = await asyncio.wait_for(asyncio.shield(leader), self._collapse_timeout_s)
         except TimeoutError:
             outcome = None
-        if isinstance(outcome, Entry):
-            return Answer(outcome, forward_status("uri-miss", collapsed=True))
+        if isinstance(outcome, Answer):
+            if outcome.age is not None:  # a stale page stood in for a failure: say so here too
+                return outcome
+            return Answer(outcome.entry, forward_status("uri-miss", collapsed=True))
         if isinstance(outcome, ProxyError):
             raise type(outcome)(outcome.message, headers=outcome.headers)
         return Answer(await fetch(), forward_status("uri-miss"))

@@ -61,6 +61,8 @@ class CacheConfig(_Section):
 
 class LimitsConfig(_Section):
     max_upload_bytes: Annotated[int, Field(ge=1)] = 500_000_000
+    # Longest wait for the next piece of an upload's body; then 408 and the upstream request is cut.
+    client_body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
 
 
 class _TenantFile(_Section):

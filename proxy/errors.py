@@ -5,6 +5,7 @@
     ├── AuthenticationError        401 authentication_error
     ├── NotFoundError              404 not_found_error
     ├── MethodNotAllowedError      405 invalid_request_error
+    ├── RequestTimeoutError        408 timeout_error
     ├── RequestTooLargeError       413 request_too_large
     ├── RateLimitedError           429 rate_limit_error
     └── UpstreamError
@@ -51,6 +52,13 @@ class NotFoundError(ProxyError):
 class MethodNotAllowedError(ProxyError):
     status_code = 405
     error_type = "invalid_request_error"
+
+
+class RequestTimeoutError(ProxyError):
+    """The client stopped sending its request body."""
+
+    status_code = 408
+    error_type = "timeout_error"
 
 
 class RequestTooLargeError(ProxyError):

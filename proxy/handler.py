@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -12,7 +13,7 @@ from proxy.auth import CREDENTIAL_HEADERS, Authenticator, Caller
 from proxy.cache import METHOD_STATUS, Entry, target_for
 from proxy.caching import Answer, ResponseCache
 from proxy.config import Settings
-from proxy.errors import InvalidRequestError, RequestTooLargeError
+from proxy.errors import InvalidRequestError, RequestTimeoutError, RequestTooLargeError
 from proxy.ratelimit import RateLimiter
 from proxy.responses import UpstreamStreamResponse, answer_response
 from proxy.routes import Operation, resolve
@@ -35,6 +36,7 @@ class FilesHandler:
         """Take new tenants (keys, rate limits) and limits; a request in flight keeps its tenant."""
         self._authenticator = Authenticator(settings.tenants)
         self._max_upload_bytes = settings.limits.max_upload_bytes
+        self._client_body_timeout_s = settings.limits.client_body_timeout_s
 
     async def handle(self, request: Request) -> Response:
         """Answer one request to any path; only the five Files routes ever reach upstream.
@@ -104,8 +106,21 @@ class FilesHandler:
         return self._limited(request.stream())
 
     async def _limited(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The body, cut off when too large or when the client pauses too long (uvicorn never does:
+        a stalled upload would hold its upstream connection forever). Raising here, inside the body
+        that httpx is sending, drops the upstream connection, so the upstream never completes it."""
         received = 0
-        async for chunk in chunks:
+        timeout_s = self._client_body_timeout_s
+        while True:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RequestTimeoutError(
+                    f"No request body received for {timeout_s:g} seconds.", headers={"connection": "close"}
+                ) from None
             received += len(chunk)
             if received > self._max_upload_bytes:
                 raise self._too_large()

@@ -167,6 +167,7 @@ class _Body:
     def __init__(self, request: Request) -> None:
         self._request = request
         self.size = 0
+        self.cut = False
         self._done = False
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
@@ -175,7 +176,7 @@ class _Body:
                 self.size += len(chunk)
                 yield chunk
         except ClientDisconnect:
-            pass  # the body simply ends early; an upload then fails as truncated
+            self.cut = True  # the body ends early; an upload then fails, even if its form looked whole
         self._done = True
 
     async def drain(self) -> None:
@@ -522,6 +523,8 @@ class Simulator:
             raise _ApiError(400, "Invalid multipart boundary.") from exc
         async for chunk in call.body.chunks():
             upload.feed(chunk)
+        if call.body.cut:
+            raise _ApiError(400, "The request body ended before its Content-Length.")
         upload.check()
         expires_in = None
         if "expires_in_seconds" in upload.fields:

@@ -62,10 +62,11 @@ class UpstreamReply:
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
         self.status_code = response.status_code
+        # latin-1 both ways keeps every byte: httpx's own decoding may guess UTF-8, which the
+        # latin-1 encoding on the way out cannot always give back.
+        raw = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in response.headers.raw]
         self.headers = [
-            (name, value)
-            for name, value in end_to_end(response.headers.multi_items())
-            if name not in _NOT_FORWARDED_RESPONSE
+            (name, value) for name, value in end_to_end(raw) if name not in _NOT_FORWARDED_RESPONSE
         ]
 
     @property
@@ -133,7 +134,13 @@ class UpstreamClient:
         request = self._client.build_request(
             method,
             httpx.URL(self._origin + path, query=query),
-            headers=[(name, value) for name, value in headers if name not in not_forwarded],
+            # As bytes: httpx encodes str values as ASCII, and a client's header may carry any byte
+            # HTTP allows (obs-text); the server decoded it as latin-1, so this gives back its bytes.
+            headers=[
+                (name.encode("latin-1"), value.encode("latin-1"))
+                for name, value in headers
+                if name not in not_forwarded
+            ],
             content=body,
         )
         try:

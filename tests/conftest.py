@@ -14,7 +14,17 @@ from pydantic import HttpUrl
 from proxy.app import create_app
 from proxy.config import CacheConfig, LimitsConfig, Settings, UpstreamConfig
 from proxy.simulator import Simulator
-from tests.support import ALL_SECRETS, ALPHA, BRAVO, WATCH, RedisClusterNodes, RedisServer, Served, free_port
+from tests.support import (
+    ALL_SECRETS,
+    ALPHA,
+    BRAVO,
+    WATCH,
+    RedisClusterNodes,
+    RedisServer,
+    Served,
+    free_port,
+    team_simulator,
+)
 
 
 class _WatchHandler(logging.Handler):
@@ -45,9 +55,7 @@ def no_secret_in_any_output() -> Iterator[None]:
 
 @pytest.fixture
 def simulator() -> Simulator:
-    return Simulator(
-        keys={ALPHA.upstream_key: ALPHA.upstream_workspace, BRAVO.upstream_key: BRAVO.upstream_workspace}
-    )
+    return team_simulator()
 
 
 @pytest.fixture

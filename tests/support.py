@@ -12,11 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import fakeredis
 import httpx
 import uvicorn
-from starlette.types import ASGIApp
+from pydantic import HttpUrl
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.config import Tenant, hash_key
+from proxy.app import create_app
+from proxy.config import CacheConfig, LimitsConfig, Settings, Tenant, UpstreamConfig, hash_key
+from proxy.simulator import Simulator
+from proxy.store import RedisStore
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,62 @@ class Served:
         self.server.should_exit = True
         self._thread.join(timeout=15)
         self._listener.close()
+
+
+def team_simulator() -> Simulator:
+    """A simulator that knows ALPHA's and BRAVO's upstream keys, each in its own workspace."""
+    return Simulator(
+        keys={ALPHA.upstream_key: ALPHA.upstream_workspace, BRAVO.upstream_key: BRAVO.upstream_workspace}
+    )
+
+
+class SharedProxy:
+    """One proxy and one simulator on real sockets for a whole test module, so that many small cases
+    cost no server start each. `fresh()` gives a test a new simulator (files, faults, request log)
+    behind the same socket and empties the proxy's embedded cache."""
+
+    def __init__(self, limits: dict[str, object] | None = None) -> None:
+        self.simulator = team_simulator()
+        self._cache_server = fakeredis.FakeServer()
+        self._upstream = Served(_Delegate(lambda: self.simulator.app))
+        self._limits = LimitsConfig(**(limits or {}))  # type: ignore[arg-type]
+        self._proxy: Served | None = None
+        self.url = ""
+        self.port = 0
+
+    def __enter__(self) -> SharedProxy:
+        self._upstream.__enter__()
+        settings = Settings(
+            tenants=(ALPHA.tenant(), BRAVO.tenant()),
+            upstream=UpstreamConfig(base_url=HttpUrl(self._upstream.url), read_timeout_s=5),
+            limits=self._limits,
+            # No in-process copies: `fresh()` empties the store, and a copy would outlive that.
+            cache=CacheConfig(local_ttl_s=0),
+        )
+        store = RedisStore(fakeredis.FakeAsyncRedis(server=self._cache_server))
+        self._proxy = Served(create_app(settings, store=store)).__enter__()
+        self.url, self.port = self._proxy.url, self._proxy.port
+        return self
+
+    def fresh(self) -> Simulator:
+        self.simulator = team_simulator()
+        fakeredis.FakeRedis(server=self._cache_server).flushall()
+        return self.simulator
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._proxy is not None:
+            self._proxy.__exit__(None, None, None)
+        self._upstream.__exit__(None, None, None)
+
+
+class _Delegate:
+    """An ASGI app that passes every call to whichever app `current` returns at that moment."""
+
+    def __init__(self, current: Callable[[], ASGIApp]) -> None:
+        self._current = current
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._current()(scope, receive, send)
 
 
 def raw_http(port: int, head: bytes, body: bytes = b"") -> tuple[int, dict[str, str], bytes]:

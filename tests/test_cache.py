@@ -55,6 +55,9 @@ def _file_json(file_id: str) -> dict[str, object]:
         pytest.param({"betas": ()}, {"betas": ("files-api-2025-04-14",)}, id="beta-vs-ga"),
         pytest.param({"query": b"limit=20"}, {"query": b"limit=21"}, id="query"),
         pytest.param({"query": b"ids=a"}, {"query": b"ids=a&ids=b"}, id="repeated-ids"),
+        pytest.param({"query": b"limit=1&limit=2"}, {"query": b"limit=2&limit=1"}, id="repeated-key-order"),
+        pytest.param({"query": b"scope_id=%FE"}, {"query": b"scope_id=%FF"}, id="non-utf-8-escapes"),
+        pytest.param({"query": b"scope_id=%C3%A9"}, {"query": b"scope_id=%E9"}, id="utf-8-vs-latin-1"),
     ],
 )
 def test_anything_that_changes_the_answer_changes_the_list_key(
@@ -89,8 +92,8 @@ def test_metadata_variants_share_one_hash_so_a_delete_drops_them_all() -> None:
     assert ga.variant != beta.variant
 
 
-def test_normalise_query_keeps_repeated_values() -> None:
-    assert normalise_query(b"ids=b&limit=3&ids=a") == "ids=a&ids=b&limit=3"
+def test_normalise_query_sorts_names_and_keeps_repeated_values_in_order() -> None:
+    assert normalise_query(b"ids=b&limit=3&ids=a") == "ids=b&ids=a&limit=3"
 
 
 def test_entry_round_trips_and_ages() -> None:

@@ -46,6 +46,7 @@ negative_ttl_s = 2
 
 [limits]
 max_upload_bytes = 1000
+client_body_timeout_s = 2.5
 
 [[tenants]]
 name = "alpha"
@@ -108,6 +109,7 @@ def test_full_config_loads_every_section(tmp_path: Path, monkeypatch: pytest.Mon
     assert settings.cache.stale_if_error_s == 60
     assert settings.cache.negative_ttl_s == 2
     assert settings.limits.max_upload_bytes == 1000
+    assert settings.limits.client_body_timeout_s == 2.5
     assert settings.tenants == (
         Tenant(
             name="alpha",
@@ -269,6 +271,11 @@ def test_example_lists_every_key_with_its_default(section: str, model: type[Base
             "[limits]\nmax_upload_bytes = 0\n" + tenant(),
             ["limits.max_upload_bytes"],
             id="zero-upload-limit",
+        ),
+        pytest.param(
+            "[limits]\nclient_body_timeout_s = 0\n" + tenant(),
+            ["limits.client_body_timeout_s"],
+            id="zero-client-body-timeout",
         ),
         pytest.param(
             tenant(hashes=f'["{HASH_ALPHA[:-1]}"]'),

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import anthropic
 import httpx
 import pytest
 
 from proxy.simulator import Simulator
-from tests.support import ALL_SECRETS, ALPHA, BRAVO, free_port, raw_http
+from tests.support import ALL_SECRETS, ALPHA, BRAVO, raw_http
 
 BETA = "files-api-2025-04-14"
 
@@ -159,25 +159,6 @@ def test_upstream_error_status_headers_and_body_pass_through(
         ),
         pytest.param("GET", "/v1/files", [("x-api-key", "")], 401, "authentication_error", id="empty"),
         pytest.param(
-            "GET", "/v1/files", [("authorization", "Bearer ")], 401, "authentication_error", id="bearer-empty"
-        ),
-        pytest.param(
-            "GET",
-            "/v1/files",
-            [("authorization", "Basic YTpi")],
-            401,
-            "authentication_error",
-            id="basic-scheme",
-        ),
-        pytest.param(
-            "GET",
-            "/v1/files",
-            [("x-api-key", ALPHA.proxy_key), ("authorization", f"Bearer {BRAVO.proxy_key}")],
-            401,
-            "authentication_error",
-            id="two-keys",
-        ),
-        pytest.param(
             "GET",
             "/v1/files",
             [("x-api-key", ALPHA.upstream_key)],
@@ -188,18 +169,6 @@ def test_upstream_error_status_headers_and_body_pass_through(
         pytest.param("POST", "/v1/messages", None, 404, "not_found_error", id="not-files"),
         pytest.param("GET", "/v1/models", None, 404, "not_found_error", id="models"),
         pytest.param("GET", "/admin", None, 404, "not_found_error", id="other-root"),
-        pytest.param("PUT", "/v1/files", None, 405, "invalid_request_error", id="put"),
-        pytest.param("PATCH", "/v1/files/file_1", None, 405, "invalid_request_error", id="patch"),
-        pytest.param(
-            "POST", "/v1/files/file_1/content", None, 405, "invalid_request_error", id="post-content"
-        ),
-        pytest.param(
-            "GET", "/v1/files/..%2F..%2Fv1%2Fmessages", None, 400, "invalid_request_error", id="enc-slash"
-        ),
-        pytest.param("GET", "/v1/files/%2e%2e/content", None, 400, "invalid_request_error", id="enc-dots"),
-        pytest.param("GET", "/v1/files/../messages", None, 400, "invalid_request_error", id="raw-dots"),
-        pytest.param("GET", "/v1/files/file_1%00", None, 400, "invalid_request_error", id="nul"),
-        pytest.param("GET", "/v1/files/" + "a" * 10_000, None, 400, "invalid_request_error", id="long-id"),
         pytest.param("GET", "/v1/files/file.1", None, 400, "invalid_request_error", id="bad-charset"),
     ],
 )
@@ -224,57 +193,6 @@ def test_rejections_are_answered_by_the_proxy_and_never_reach_upstream(
     assert envelope["request_id"] == got_headers["request-id"]
     assert not any(secret in body.decode() for secret in ALL_SECRETS)
     assert simulator.received == []
-
-
-def test_upload_over_the_limit_by_content_length_is_refused_before_upstream(
-    serve_proxy: Callable[..., str], simulator: Simulator
-) -> None:
-    url = serve_proxy(limits={"max_upload_bytes": 1000})
-    with anthropic.Anthropic(base_url=url, api_key=ALPHA.proxy_key, max_retries=0) as client:
-        with pytest.raises(anthropic.APIStatusError) as raised:
-            client.files.upload(file=("big.bin", b"x" * 5000, "application/octet-stream"))
-    assert raised.value.status_code == 413
-    assert raised.value.body["error"]["type"] == "request_too_large"  # type: ignore[index]
-    assert simulator.received == []
-
-
-def test_chunked_upload_over_the_limit_is_cut_off_while_streaming(
-    serve_proxy: Callable[..., str], simulator: Simulator
-) -> None:
-    url = serve_proxy(limits={"max_upload_bytes": 100_000})
-
-    def body() -> Iterator[bytes]:
-        yield b'--b\r\ncontent-disposition: form-data; name="file"; filename="x.bin"\r\n\r\n'
-        for _ in range(50):
-            yield b"y" * 10_000
-        yield b"\r\n--b--\r\n"
-
-    response = httpx.post(
-        f"{url}/v1/files",
-        content=body(),
-        headers={
-            "x-api-key": ALPHA.proxy_key,
-            "anthropic-version": "2023-06-01",
-            "content-type": "multipart/form-data; boundary=b",
-        },
-    )
-
-    _assert_envelope(response, 413, "request_too_large")
-    assert simulator.uploads == {}
-
-
-def test_upstream_timeout_is_504_and_unreachable_is_502(
-    serve_proxy: Callable[..., str], simulator: Simulator
-) -> None:
-    headers = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01"}
-    slow = serve_proxy(upstream={"read_timeout_s": 0.2})
-    simulator.inject_fault(delay_s=1.0)
-    _assert_envelope(httpx.get(f"{slow}/v1/files", headers=headers), 504, "timeout_error")
-
-    nowhere = serve_proxy(upstream_url=f"http://127.0.0.1:{free_port()}")
-    response = httpx.get(f"{nowhere}/v1/files", headers=headers)
-    _assert_envelope(response, 502, "api_error")
-    assert "127.0.0.1" not in response.text
 
 
 def test_health_endpoints_need_no_key_and_never_reach_upstream(proxy_url: str, simulator: Simulator) -> None:

@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import pytest
 
-from proxy.cache import CachePolicy, Delete, Write, target_for
+from proxy.cache import CachePolicy, Delete, Entry, Write, target_for
 from proxy.caching import ResponseCache
 from proxy.config import CacheConfig
 from proxy.routes import Operation
@@ -38,6 +38,9 @@ class ScriptedStore:
             await hold.wait()
         self.written += writes
 
+    async def hmget(self, key: str, fields: Sequence[str]) -> list[bytes | None]:
+        return [None for _ in fields]
+
 
 def delete_target(file_id: str) -> Any:
     return target_for(Operation.DELETE, "scope", None, "2026-10-21", [], file_id, b"")
@@ -61,3 +64,27 @@ async def test_an_invalidation_held_during_the_flush_of_older_ones_is_not_lost()
     await cache.invalidate(delete_target("d"), [Delete("d")])  # writes what is held first
 
     assert store.written == [Delete("a"), Delete("b"), Delete("c"), Delete("d")]
+
+
+async def test_concurrent_no_cache_reads_of_one_key_each_fetch_and_all_answer() -> None:
+    """A no-cache read takes the single-flight slot over; the earlier one must not fail on leaving."""
+    store = ScriptedStore()
+    cache = ResponseCache(CachePolicy(CacheConfig()), cast(RedisStore, store), collapse_timeout_s=1)
+    target = target_for(Operation.METADATA, "scope", None, "2026-10-21", [], "file_1", b"")
+    upstream_answers = asyncio.Event()
+    fetches = 0
+
+    async def fetch() -> Entry:
+        nonlocal fetches
+        fetches += 1
+        await upstream_answers.wait()
+        return Entry(200, (), b'{"id":"file_1"}', 0.0, 0.0, 0.0)
+
+    reads = [asyncio.create_task(cache.read(target, fetch, no_cache=True)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    upstream_answers.set()
+    answers = await asyncio.gather(*reads)
+
+    assert fetches == 2
+    assert [answer.entry.status for answer in answers] == [200, 200]
+    assert [answer.cache_status for answer in answers] == ["files-proxy; fwd=request; stored"] * 2

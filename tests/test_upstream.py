@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import anthropic
+import httpx
 import pytest
+from pydantic import HttpUrl
 
+from proxy.app import create_app
+from proxy.config import Settings, UpstreamConfig
 from proxy.simulator import Simulator
 from proxy.upstream import end_to_end
+from tests.support import ALPHA, Served, raw_http
 
 
 @pytest.mark.parametrize(
@@ -64,3 +69,37 @@ def test_a_failed_upload_is_never_retried_by_the_proxy(
         alpha.files.upload(file=("once.txt", b"once", "text/plain"))
     assert [r.method for r in simulator.received] == ["POST"]
     assert simulator.uploads == {}
+
+
+def test_header_bytes_outside_ascii_pass_both_ways_unchanged() -> None:
+    """HTTP allows obs-text (0x80-0xFF) in field values; httpx encodes str headers as ASCII and may
+    decode a response header as UTF-8, so both directions once failed (a 500 from the proxy)."""
+    seen: list[list[tuple[bytes, bytes]]] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.raw)
+        echoed = request.headers.get("x-note", "").encode("latin-1")
+        utf8_name = 'attachment; filename="r\u00e9sum\u00e9.txt"'.encode()
+        return httpx.Response(
+            200, headers=[(b"x-note-echo", echoed), (b"content-disposition", utf8_name)], content=b"{}"
+        )
+
+    settings = Settings(
+        tenants=(ALPHA.tenant(),), upstream=UpstreamConfig(base_url=HttpUrl("http://upstream.test"))
+    )
+    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    with Served(create_app(settings, http_client=client)) as proxy:
+        head = (
+            b"GET /v1/files/file_1/content HTTP/1.1\r\nhost: p\r\nconnection: close\r\n"
+            + f"x-api-key: {ALPHA.proxy_key}\r\n".encode()
+            + b"x-note: caf\xe9 \xff\r\n\r\n"
+        )
+        status, headers, _ = raw_http(proxy.port, head)
+
+    assert status == 200
+    assert (b"x-note", b"caf\xe9 \xff") in seen[0]
+    assert headers["x-note-echo"].encode("latin-1") == b"caf\xe9 \xff"
+    assert (
+        headers["content-disposition"].encode("latin-1")
+        == 'attachment; filename="r\u00e9sum\u00e9.txt"'.encode()
+    )
