@@ -27,7 +27,8 @@ from bench.transfer import RssSampler, Transfer, download, upload
 _HIT_CONNECTIONS = 64
 _MISS_CONNECTIONS = (1, 8, 64)
 _RSS_LIMIT = 64 * 1024 * 1024
-_METRIC_LINE = re.compile(r'^files_proxy_requests_total\{[^}]*cache="(\w+)"[^}]*\} ([0-9.e+]+)$', re.M)
+# Label values may hold braces (route="/v1/files/{file_id}"), so the label set is matched greedily.
+_METRIC_LINE = re.compile(r'^files_proxy_requests_total\{.*\bcache="(\w+)".*\} ([0-9.e+]+)$', re.M)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ def zipf_mix(ctx: Context) -> list[Row]:
         "list_share": str(options.list_share),
     }
     proxy = ctx.proxy_redis
+    listed = _walk_listing(proxy, ctx.proxy_headers())
     warmup = _wrk(ctx, proxy, _HIT_CONNECTIONS, 2 * options.duration_s, extra)
     ctx.forget_requests()
     ctx.set_latency(options.mix_latency_ms)
@@ -169,9 +171,10 @@ def zipf_mix(ctx: Context) -> list[Row]:
         f"{options.mix_latency_ms:.0f} ms upstream, {options.mix_rate:,.0f} req/s offered "
         f"on {_HIT_CONNECTIONS} conns"
     )
-    measured = f"{hit_pct:.1f}% from cache after a warm-up of {warmup.requests:,} requests; " + load_text(
-        result.rps, result.p50_ms, result.p99_ms, result.errors
-    )
+    measured = (
+        f"{hit_pct:.1f}% from cache after a warm-up of one full listing ({listed:,} files) "
+        f"and {warmup.requests:,} requests; "
+    ) + load_text(result.rps, result.p50_ms, result.p99_ms, result.errors)
     met = hit_pct >= 90 and result.p50_ms < 2 and result.errors == 0
     numbers = {**_numbers(result), "hit_pct": hit_pct}
     return [Row(scenario, "proxy (redis)", ">= 90% from cache; p50 < 2 ms", measured, met, numbers)]
@@ -275,6 +278,20 @@ def _transfer_text(result: Transfer, size: int) -> str:
         "" if result.status == 200 and result.size == size else f" (status {result.status}, {result.size} B)"
     )
     return f"{result.mb_per_s:,.0f} MB/s{status}"
+
+
+def _walk_listing(proxy: Service, headers: dict[str, str]) -> int:
+    """Page through every file once, as `client.files.list()` auto-pagination does: the proxy fills
+    its metadata cache from list answers, which is how a running service's cache gets warm."""
+    listed, after_id = 0, None
+    with httpx.Client(base_url=proxy.url, headers=headers, timeout=60) as client:
+        while True:
+            params = {"limit": "1000", **({"after_id": after_id} if after_id else {})}
+            page = client.get("/v1/files", params=params).raise_for_status().json()
+            listed += len(page["data"])
+            if not page.get("has_more") or not page["data"]:
+                return listed
+            after_id = page["last_id"]
 
 
 def _cache_counts(proxy: Service) -> dict[str, float]:

@@ -15,6 +15,7 @@ import pytest
 
 from bench.__main__ import main
 from bench.load import parse_wrk_output
+from bench.scenarios import _METRIC_LINE
 from bench.table import Row, markdown_table
 
 
@@ -77,3 +78,14 @@ def test_table_marks_baselines_and_misses() -> None:
         "| metadata hit | proxy (redis) | >= 0.8 x bare | 0.9 x bare | yes |",
         "| list-page hit | proxy (redis) | >= 0.7 x bare | 0.5 x bare | **no** |",
     ]
+
+
+def test_cache_counts_read_every_route_including_templates_with_braces() -> None:
+    exposition = "\n".join(
+        [
+            'files_proxy_requests_total{cache="hit",method="GET",route="/v1/files/{file_id}",status_class="2xx"} 900.0',
+            'files_proxy_requests_total{cache="miss",method="GET",route="/v1/files",status_class="2xx"} 100.0',
+            'files_proxy_requests_created{cache="hit",method="GET",route="/v1/files",status_class="2xx"} 1.7e+09',
+        ]
+    )
+    assert _METRIC_LINE.findall(exposition) == [("hit", "900.0"), ("miss", "100.0")]
