@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
@@ -116,6 +117,9 @@ class UpstreamClient:
             ),
             follow_redirects=False,
             trust_env=False,
+            # One client serves every tenant: a cookie one tenant's answer sets (a CDN's, say) must
+            # not ride along on anyone's later requests. Clients still get Set-Cookie; we keep none.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
         )
         self._origin = config.origin
 

@@ -6,12 +6,16 @@ import anthropic
 import httpx
 import pytest
 from pydantic import HttpUrl
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from proxy.app import create_app
 from proxy.config import Settings, UpstreamConfig
 from proxy.simulator import Simulator
 from proxy.upstream import end_to_end
-from tests.support import ALPHA, Served, raw_http
+from tests.support import ALPHA, BRAVO, Served, raw_http
 
 
 @pytest.mark.parametrize(
@@ -103,3 +107,34 @@ def test_header_bytes_outside_ascii_pass_both_ways_unchanged() -> None:
         headers["content-disposition"].encode("latin-1")
         == 'attachment; filename="r\u00e9sum\u00e9.txt"'.encode()
     )
+
+
+def test_a_cookie_set_for_one_tenant_never_goes_upstream_for_another() -> None:
+    """One pooled client serves every tenant; a cookie an answer sets (a CDN's bot-management
+    cookie, say) would otherwise be sent on every later request, whoever makes it."""
+    cookies_seen: list[str | None] = []
+
+    async def metadata(request: Request) -> Response:
+        cookies_seen.append(request.headers.get("cookie"))
+        return JSONResponse(
+            {"id": request.path_params["file_id"], "type": "file"},
+            headers={"set-cookie": "__cf_bm=alpha-session; Path=/; HttpOnly"},
+        )
+
+    upstream = Starlette(routes=[Route("/v1/files/{file_id}", metadata)])
+    with Served(upstream) as served:
+        settings = Settings(
+            tenants=(ALPHA.tenant(), BRAVO.tenant()),
+            upstream=UpstreamConfig(base_url=HttpUrl(served.url)),
+        )
+        with Served(create_app(settings)) as proxy:
+            for team in (ALPHA, BRAVO, ALPHA):
+                head = (
+                    b"GET /v1/files/file_1 HTTP/1.1\r\nhost: p\r\nconnection: close\r\n"
+                    + f"x-api-key: {team.proxy_key}\r\ncache-control: no-cache\r\n\r\n".encode()
+                )
+                status, headers, _ = raw_http(proxy.port, head)
+                assert status == 200
+                assert headers["set-cookie"].startswith("__cf_bm=")  # the client still sees it
+
+    assert cookies_seen == [None, None, None]
