@@ -16,6 +16,7 @@ import httpx
 
 from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamTimeoutError, UpstreamUnavailableError
+from proxy.upstream_pool import fair_transport
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +112,11 @@ class UpstreamClient:
                 write=config.write_timeout_s,
                 pool=config.pool_timeout_s,
             ),
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_keepalive_connections,
+            transport=fair_transport(
+                httpx.Limits(
+                    max_connections=config.max_connections,
+                    max_keepalive_connections=config.max_keepalive_connections,
+                )
             ),
             follow_redirects=False,
             trust_env=False,
