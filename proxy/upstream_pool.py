@@ -1,4 +1,5 @@
-"""httpx's transport on a connection pool that never promises one idle connection to two requests.
+"""httpx's transport on a connection pool that never promises one idle connection to two requests,
+and reads response bodies in larger pieces.
 
 httpcore's pool assigns a queued request the first idle connection, but the connection stays idle
 until that request starts on it, a scheduling step later; meanwhile the next request is assigned the
@@ -13,12 +14,23 @@ from __future__ import annotations
 import httpcore
 import httpx
 
+# httpcore reads 64 KiB at a time; a download then costs a trip through h11, httpcore and httpx per
+# 64 KiB. Four times that halves the proxy's user CPU per byte (a 500 MB download: 0.41 s to 0.20 s).
+_READ_BYTES = 256 * 1024
+
 
 class _PromisableConnection(httpcore.AsyncHTTPConnection):
     promised = False
 
     def is_available(self) -> bool:
         return not self.promised and super().is_available()
+
+    async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
+        response = await super().handle_async_request(request)
+        # The HTTP/1.1 connection exists now (it is made by the first request); its body reads follow.
+        if isinstance(self._connection, httpcore.AsyncHTTP11Connection):
+            self._connection.READ_NUM_BYTES = _READ_BYTES
+        return response
 
 
 class _FairConnectionPool(httpcore.AsyncConnectionPool):

@@ -53,3 +53,21 @@ async def test_each_request_starts_on_the_first_connection_it_is_given(
             await asyncio.gather(*(worker() for _ in range(workers)))
 
     assert starts == workers * requests_each
+
+
+async def test_a_body_is_read_in_pieces_larger_than_httpcores_64_kib() -> None:
+    async def blob(request: Request) -> Response:
+        return Response(bytes(8 * 1024 * 1024), media_type="application/octet-stream")
+
+    transport = fair_transport(httpx.Limits(max_connections=1))
+    with Served(Starlette(routes=[Route("/blob", blob)])) as upstream:
+        async with httpx.AsyncClient(transport=transport, base_url=upstream.url) as client:
+            async with client.stream("GET", "/blob") as response:
+                # A slow reader lets the socket buffer fill, as a client slower than upstream does.
+                sizes = []
+                async for chunk in response.aiter_raw():
+                    sizes.append(len(chunk))
+                    await asyncio.sleep(0.001)
+
+    assert sum(sizes) == 8 * 1024 * 1024
+    assert max(sizes) > 64 * 1024
