@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,8 +32,11 @@ _UNRECORDED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _MAX_CLIENT_VALUE = 200
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestRecord:
+    """What one request did. Not frozen: a frozen dataclass sets each field through
+    `object.__setattr__`, about 3% of an in-process cache hit; the sinks only read it."""
+
     ts: str
     request_id: str
     upstream_request_id: str | None
@@ -126,7 +130,7 @@ def _record(
     headers = {name: value for name, value in scope["headers"] if name in (b"user-agent", b"x-request-id")}
     upstream_request_id = response["request_id"] if response["request_id"] != request_id else None
     return RequestRecord(
-        ts=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        ts=_timestamp(time.time()),
         request_id=request_id,
         upstream_request_id=upstream_request_id,
         client_request_id=_client_value(headers.get(b"x-request-id")),
@@ -145,6 +149,17 @@ def _record(
     )
 
 
+def _timestamp(now: float) -> str:
+    """ISO 8601 UTC with milliseconds, as `datetime.isoformat` gives, for a third of its cost."""
+    second = int(now)
+    return f"{_second_text(second)}.{int((now - second) * 1000):03d}Z"
+
+
+@lru_cache(maxsize=2)
+def _second_text(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def cache_result(cache_status: str) -> str:
     """The `cache` field of a record, from the response's `Cache-Status` header."""
     if "; hit" in cache_status:
@@ -161,10 +176,17 @@ def _client_value(raw: bytes | None) -> str | None:
 
 
 def log_access(record: RequestRecord) -> None:
-    if access_logger.isEnabledFor(logging.INFO):
-        # makeRecord, not info(): the caller's file and line mean nothing here and cost a stack walk.
-        line = access_logger.makeRecord(access_logger.name, logging.INFO, "", 0, record.json_line(), (), None)
-        access_logger.handle(line)
+    if not access_logger.isEnabledFor(logging.INFO):
+        return
+    handlers = access_logger.handlers
+    if len(handlers) == 1 and isinstance(handlers[0], BatchedStdout) and not access_logger.propagate:
+        # What `serve` sets up: the line goes straight into the batch, without the LogRecord that
+        # logging would build and take apart again (about 5% of a cache hit).
+        handlers[0].add(record.json_line())
+        return
+    # makeRecord, not info(): the caller's file and line mean nothing here and cost a stack walk.
+    line = access_logger.makeRecord(access_logger.name, logging.INFO, "", 0, record.json_line(), (), None)
+    access_logger.handle(line)
 
 
 class BatchedStdout(logging.Handler):
@@ -182,7 +204,10 @@ class BatchedStdout(logging.Handler):
         self._writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._lines.append(record.getMessage())
+        self.add(record.getMessage())
+
+    def add(self, line: str) -> None:
+        self._lines.append(line)
 
     def stop(self) -> None:
         """Write what is left and end the thread."""

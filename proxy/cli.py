@@ -39,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # No format here shows them, and each record would look them up (a getpid call each).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         return int(args.command(args))
     except ConfigError as exc:

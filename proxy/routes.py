@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 from urllib.parse import unquote_to_bytes
 
 from proxy.errors import InvalidRequestError, MethodNotAllowedError, NotFoundError
@@ -55,6 +56,7 @@ class RouteMatch:
         return self.operation.template.replace("{file_id}", self.file_id)
 
 
+@lru_cache(maxsize=4096)  # the same few paths again and again: about 4% of a cache hit
 def resolve(method: str, raw_path: bytes) -> RouteMatch:
     """Match a request to a Files operation, or raise the error the proxy answers itself."""
     segments = [_decode_segment(segment) for segment in raw_path.split(b"/")]

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from functools import lru_cache
 from typing import Any
 
 from proxy.access import RequestRecord
@@ -71,6 +72,11 @@ def _day_key(day: date) -> str:
     return f"fp:usage:{{{day.isoformat()}}}"
 
 
+@lru_cache(maxsize=2)
+def _day_key_of(iso_day: str) -> str:
+    return _day_key(date.fromisoformat(iso_day))
+
+
 class UsageCounter:
     def __init__(self, store: RedisStore) -> None:
         self._store = store
@@ -80,7 +86,7 @@ class UsageCounter:
         """Count a finished request (unauthenticated ones have no workspace and are not counted)."""
         if record.tenant is None or record.workspace is None:
             return
-        key = _day_key(date.fromisoformat(record.ts[:10]))
+        key = _day_key_of(record.ts[:10])
         for counter, amount in counts_for(record).items():
             if amount:
                 self._pending[(key, f"{record.workspace}|{record.tenant}|{counter}")] += amount

@@ -11,6 +11,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import HttpUrl
 
+from proxy.access import RequestRecord, _timestamp, access_logger, log_access, start_access_log
 from proxy.app import create_app
 from proxy.config import AdminConfig, CacheConfig, RateLimit, Settings, UpstreamConfig, UsageConfig
 from proxy.simulator import Simulator
@@ -312,3 +314,49 @@ def test_rate_limit_answers_429_before_upstream_and_spares_the_other_tenant(
     alpha_upstream = [r for r in simulator.received if r.header("x-api-key") == ALPHA.upstream_key]
     misses = [r for r in alpha + limited if r.status_code != 429 and "hit" not in r.headers["cache-status"]]
     assert len(alpha_upstream) == len(misses)
+
+
+def _record(**changes: Any) -> RequestRecord:
+    fields = {
+        "ts": "2026-11-30T12:00:00.123Z",
+        "request_id": "req_1",
+        "upstream_request_id": None,
+        "client_request_id": None,
+        "tenant": "alpha",
+        "workspace": "alpha-prod",
+        "method": "GET",
+        "route": "/v1/files/{file_id}",
+        "file_id": "file_1",
+        "status": 200,
+        "cache": "hit",
+        "bytes_in": 0,
+        "bytes_out": 203,
+        "duration_ms": 0.4,
+        "upstream_ms": None,
+        "user_agent": 'a "quoted" agent',
+    }
+    return RequestRecord(**(fields | changes))
+
+
+def test_served_access_lines_reach_stdout_whole_and_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+    """`serve`'s setup (the batch writer alone on the access logger) skips logging's LogRecord."""
+    records = [_record(request_id=f"req_{n}") for n in range(3)]
+    access_logger.setLevel(logging.INFO)
+    handler = start_access_log()
+    try:
+        for record in records:
+            log_access(record)
+    finally:
+        handler.stop()
+        access_logger.removeHandler(handler)
+        access_logger.propagate = True
+        access_logger.setLevel(logging.NOTSET)
+
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == [dataclasses.asdict(record) for record in records]
+
+
+@pytest.mark.parametrize("now", [0.0, 1_764_504_000.0, 1_764_504_000.5, 1_764_504_059.999, 1_764_590_399.25])
+def test_timestamps_are_iso_utc_milliseconds(now: float) -> None:
+    expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert _timestamp(now) == expected
