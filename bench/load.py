@@ -20,6 +20,8 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    # CPU time (user + system, its processes together) the server spent per request, when measured.
+    server_cpu_us: float | None = None
 
 
 def wrk_available() -> bool:

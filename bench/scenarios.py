@@ -11,11 +11,13 @@ would measure single-flight instead) and the store writes spread over many keys 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+import psutil
 
 from bench.context import Context
 from bench.flight import concurrent_misses
@@ -174,7 +176,7 @@ def zipf_mix(ctx: Context) -> list[Row]:
     measured = (
         f"{hit_pct:.1f}% from cache after a warm-up of one full listing ({listed:,} files) "
         f"and {warmup.requests:,} requests; "
-    ) + load_text(result.rps, result.p50_ms, result.p99_ms, result.errors)
+    ) + load_text(result)
     met = hit_pct >= 90 and result.p50_ms < 2 and result.errors == 0
     numbers = {**_numbers(result), "hit_pct": hit_pct}
     return [Row(scenario, "proxy (redis)", ">= 90% from cache; p50 < 2 ms", measured, met, numbers)]
@@ -248,25 +250,38 @@ def _wrk(
     ctx: Context, service: Service, connections: int, seconds: float, options: dict[str, str]
 ) -> LoadResult:
     arguments = {"key": ctx.keys.proxy_key, **options}
-    return run_wrk(service.url, connections=connections, duration_s=seconds, options=arguments)
+    cpu_before = _cpu_seconds(service.pid)
+    result = run_wrk(service.url, connections=connections, duration_s=seconds, options=arguments)
+    cpu_us = (_cpu_seconds(service.pid) - cpu_before) / max(result.requests, 1) * 1e6
+    return dataclasses.replace(result, server_cpu_us=cpu_us)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a server and its children (nginx's workers), so far."""
+    parent = psutil.Process(pid)
+    times = [process.cpu_times() for process in (parent, *parent.children(recursive=True))]
+    return sum(t.user + t.system for t in times)
 
 
 def _baseline(scenario: str, server: str, result: LoadResult, note: str = "") -> Row:
-    measured = load_text(result.rps, result.p50_ms, result.p99_ms, result.errors)
+    measured = load_text(result)
     return Row(scenario, server, "baseline", measured + (f"; {note}" if note else ""), None, _numbers(result))
 
 
 def _compared(
     scenario: str, server: str, result: LoadResult, target: str, versus: str, met: bool, **numbers: float
 ) -> Row:
-    measured = load_text(result.rps, result.p50_ms, result.p99_ms, result.errors) + f"; {versus}"
+    measured = load_text(result) + f"; {versus}"
     return Row(
         scenario, server, target, measured, met and result.errors == 0, {**_numbers(result), **numbers}
     )
 
 
 def _numbers(result: LoadResult) -> dict[str, float]:
-    return {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors}
+    numbers = {"rps": result.rps, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms, "errors": result.errors}
+    if result.server_cpu_us is not None:
+        numbers["server_cpu_us"] = result.server_cpu_us
+    return numbers
 
 
 def _mb(result: Transfer) -> dict[str, float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bench.load import LoadResult
+
 
 @dataclass(frozen=True)
 class Row:
@@ -25,5 +27,11 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_text(rps: float, p50_ms: float, p99_ms: float, errors: int) -> str:
-    return f"{rps:,.0f} req/s, p50 {p50_ms:.2f} ms, p99 {p99_ms:.2f} ms, {errors} errors"
+def load_text(result: LoadResult) -> str:
+    text = (
+        f"{result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
+        f"{result.errors} errors"
+    )
+    if result.server_cpu_us is not None:
+        text += f", {result.server_cpu_us:.0f} µs server CPU per request"
+    return text
