@@ -51,13 +51,13 @@ def create_app(
     settings: Settings,
     *,
     load_settings: Callable[[], Settings] | None = None,
-    http_client: httpx.AsyncClient | None = None,
+    upstream_transport: httpx.AsyncBaseTransport | None = None,
     store: RedisStore | None = None,
     clock: Callable[[], float] = time.time,
 ) -> ProxyApp:
-    """The proxy app for these settings; `load_settings` re-reads them on reload; `http_client` and
+    """The proxy app for these settings; `load_settings` re-reads them on reload; `upstream_transport` and
     `store` replace the configured ones (tests, bench)."""
-    upstream = UpstreamClient(settings.upstream, client=http_client)
+    upstream = UpstreamClient(settings.upstream, transport=upstream_transport)
     cache_config = settings.cache
     store = store or open_store(
         cache_config.url, max_connections=cache_config.max_connections, timeout_s=cache_config.timeout_s

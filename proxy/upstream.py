@@ -1,4 +1,4 @@
-"""The one place that talks to Anthropic: one shared httpx client, header filtering both ways, and
+"""The one place that talks to Anthropic: one shared httpx transport, header filtering both ways, and
 the translation of httpx failures into proxy errors (httpx's own `map_httpcore_exceptions` idea).
 
 Requests and responses stream: the proxy passes bodies through in chunks and never retries, so a
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
@@ -102,28 +101,28 @@ class UpstreamReply:
 
 
 class UpstreamClient:
-    """Sends Files requests to the configured base URL over one pooled connection set."""
+    """Sends Files requests to the configured base URL over one pooled connection set.
 
-    def __init__(self, config: UpstreamConfig, *, client: httpx.AsyncClient | None = None) -> None:
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout_s,
-                read=config.read_timeout_s,
-                write=config.write_timeout_s,
-                pool=config.pool_timeout_s,
-            ),
-            transport=fair_transport(
-                httpx.Limits(
-                    max_connections=config.max_connections,
-                    max_keepalive_connections=config.max_keepalive_connections,
-                )
-            ),
-            follow_redirects=False,
-            trust_env=False,
-            # One client serves every tenant: a cookie one tenant's answer sets (a CDN's, say) must
-            # not ride along on anyone's later requests. Clients still get Set-Cookie; we keep none.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+    Requests go straight to an httpx transport, not through an `httpx.AsyncClient`: the client's
+    layers (auth, redirects, default headers, a cookie jar) are all things a proxy must not do, and
+    cost about a tenth of a miss. Without a jar, no cookie one tenant's answer sets can ride along on
+    another tenant's request.
+    """
+
+    def __init__(self, config: UpstreamConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._transport = transport or fair_transport(
+            httpx.Limits(
+                max_connections=config.max_connections,
+                max_keepalive_connections=config.max_keepalive_connections,
+            )
         )
+        timeout = httpx.Timeout(
+            connect=config.connect_timeout_s,
+            read=config.read_timeout_s,
+            write=config.write_timeout_s,
+            pool=config.pool_timeout_s,
+        )
+        self._extensions = {"timeout": timeout.as_dict()}
         self._origin = config.origin
 
     async def send(
@@ -138,7 +137,7 @@ class UpstreamClient:
         # With a body, the client's Content-Length is kept so the upstream gets a plain body, not a
         # chunked one; httpx then sends exactly that many bytes or fails.
         not_forwarded = {"host"} if body is not None else {"host", "content-length"}
-        request = self._client.build_request(
+        request = httpx.Request(
             method,
             httpx.URL(self._origin + path, query=query),
             # As bytes: httpx encodes str values as ASCII, and a client's header may carry any byte
@@ -149,15 +148,17 @@ class UpstreamClient:
                 if name not in not_forwarded
             ],
             content=body,
+            extensions=self._extensions,
         )
         try:
-            response = await self._client.send(request, stream=True)
+            response = await self._transport.handle_async_request(request)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeoutError("The Anthropic API did not answer in time.") from exc
         except httpx.HTTPError as exc:
             logger.warning("upstream unreachable: %s", type(exc).__name__)
             raise UpstreamUnavailableError("The Anthropic API could not be reached.") from exc
+        response.request = request
         return UpstreamReply(response)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._transport.aclose()

@@ -91,8 +91,7 @@ def test_header_bytes_outside_ascii_pass_both_ways_unchanged() -> None:
     settings = Settings(
         tenants=(ALPHA.tenant(),), upstream=UpstreamConfig(base_url=HttpUrl("http://upstream.test"))
     )
-    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
-    with Served(create_app(settings, http_client=client)) as proxy:
+    with Served(create_app(settings, upstream_transport=httpx.MockTransport(upstream))) as proxy:
         head = (
             b"GET /v1/files/file_1/content HTTP/1.1\r\nhost: p\r\nconnection: close\r\n"
             + f"x-api-key: {ALPHA.proxy_key}\r\n".encode()
