@@ -1,12 +1,16 @@
-"""httpx's transport on a connection pool that never promises one idle connection to two requests,
-and reads response bodies in larger pieces.
+"""httpx's transport on httpcore's connection pool with two of its bugs fixed, and larger body reads.
 
-httpcore's pool assigns a queued request the first idle connection, but the connection stays idle
-until that request starts on it, a scheduling step later; meanwhile the next request is assigned the
-same connection. One of the two then finds it busy, is queued again, and can lose the same race over
-and over (encode/httpcore#822). Under 8 concurrent misses some requests looped for 0.4 to 1 s
-before reaching upstream. Here a connection assigned to a request that has not started on it yet is
-not available to another one, so the second request takes another idle connection or opens one.
+httpcore 1.0 assigns requests to connections in `_assign_requests_to_connections`; this pool
+replaces that one method (httpcore is pinned below 1.1 for it):
+
+- An idle connection assigned to a request stays idle until the request starts on it, a scheduling
+  step later; meanwhile httpcore gives the same connection to the next request. One of the two then
+  finds it busy, is queued again, and can lose the same race over and over (encode/httpcore#822).
+  Under 8 concurrent misses some requests looped for 0.4 to 1 s before reaching upstream. Here a
+  connection promised to a request is given to no other.
+- Surplus keep-alive connections are counted among the idle ones. httpcore compares the number of
+  *all* connections with `max_keepalive_connections`, so once more requests than that are in flight,
+  every connection that goes idle is closed and the next request opens a new one.
 """
 
 from __future__ import annotations
@@ -19,12 +23,7 @@ import httpx
 _READ_BYTES = 256 * 1024
 
 
-class _PromisableConnection(httpcore.AsyncHTTPConnection):
-    promised = False
-
-    def is_available(self) -> bool:
-        return not self.promised and super().is_available()
-
+class _LargeReadConnection(httpcore.AsyncHTTPConnection):
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
         response = await super().handle_async_request(request)
         # The HTTP/1.1 connection exists now (it is made by the first request); its body reads follow.
@@ -36,7 +35,7 @@ class _PromisableConnection(httpcore.AsyncHTTPConnection):
 class _FairConnectionPool(httpcore.AsyncConnectionPool):
     def create_connection(self, origin: httpcore.Origin) -> httpcore.AsyncConnectionInterface:
         # httpcore's own construction for a pool without a proxy (the upstream client has none).
-        return _PromisableConnection(
+        return _LargeReadConnection(
             origin=origin,
             ssl_context=self._ssl_context,
             keepalive_expiry=self._keepalive_expiry,
@@ -50,15 +49,46 @@ class _FairConnectionPool(httpcore.AsyncConnectionPool):
         )
 
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
-        assigned = {id(request.connection) for request in self._requests if request.connection is not None}
+        """Drop closed, expired and surplus idle connections, then give each queued request an
+        available connection nobody was promised, a new one, or one made room for."""
+        promised = {id(request.connection) for request in self._requests if request.connection is not None}
+        closing: list[httpcore.AsyncConnectionInterface] = []
+        kept: list[httpcore.AsyncConnectionInterface] = []
+        idle = 0
         for connection in self._connections:
-            if isinstance(connection, _PromisableConnection):
-                connection.promised = id(connection) in assigned
-        return super()._assign_requests_to_connections()
+            if connection.is_closed():
+                continue
+            if connection.has_expired():
+                closing.append(connection)
+                continue
+            if connection.is_idle() and id(connection) not in promised:
+                idle += 1
+                if idle > self._max_keepalive_connections:
+                    closing.append(connection)
+                    continue
+            kept.append(connection)
+        self._connections = kept
+
+        for pool_request in [request for request in self._requests if request.is_queued()]:
+            origin = pool_request.request.url.origin
+            free = [c for c in kept if id(c) not in promised]
+            chosen = next((c for c in free if c.can_handle_request(origin) and c.is_available()), None)
+            if chosen is None:
+                if len(kept) >= self._max_connections:
+                    spare = next((c for c in free if c.is_idle()), None)
+                    if spare is None:
+                        continue  # stays queued until a connection is released
+                    kept.remove(spare)
+                    closing.append(spare)
+                chosen = self.create_connection(origin)
+                kept.append(chosen)
+            pool_request.assign_to_connection(chosen)
+            promised.add(id(chosen))
+        return closing
 
 
 def fair_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    """An `httpx.AsyncHTTPTransport` with these limits whose pool is the fair one above."""
+    """An `httpx.AsyncHTTPTransport` with these limits whose pool is the fixed one above."""
     transport = httpx.AsyncHTTPTransport(limits=limits)
     transport._pool = _FairConnectionPool(
         max_connections=limits.max_connections,

@@ -27,22 +27,19 @@ async def _ok(request: Request) -> Response:
     return JSONResponse({"type": "file"})
 
 
-async def test_each_request_starts_on_the_first_connection_it_is_given(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With httpcore's own pool, a request handed a connection that another request took first is
-    queued and handed one again, sometimes hundreds of times (encode/httpcore#822)."""
-    starts = 0
+async def _concurrent_gets(
+    transport: httpx.AsyncBaseTransport, monkeypatch: pytest.MonkeyPatch, workers: int, requests_each: int
+) -> tuple[int, int]:
+    """`workers` tasks each sending `requests_each` GETs one after another: how many times a request
+    started on a connection, and on how many connections in all."""
+    started_on: list[httpcore.AsyncHTTPConnection] = []  # held, so no id is reused
     start = httpcore.AsyncHTTPConnection.handle_async_request
 
     async def counted(self: httpcore.AsyncHTTPConnection, request: httpcore.Request) -> httpcore.Response:
-        nonlocal starts
-        starts += 1
+        started_on.append(self)
         return await start(self, request)
 
     monkeypatch.setattr(httpcore.AsyncHTTPConnection, "handle_async_request", counted)
-    workers, requests_each = 8, 150
-    transport = fair_transport(httpx.Limits(max_connections=100, max_keepalive_connections=20))
     with Served(Starlette(routes=[Route("/", _ok)])) as upstream:
         async with httpx.AsyncClient(transport=transport, base_url=upstream.url) as client:
 
@@ -51,8 +48,27 @@ async def test_each_request_starts_on_the_first_connection_it_is_given(
                     (await client.get("/")).raise_for_status()
 
             await asyncio.gather(*(worker() for _ in range(workers)))
+    return len(started_on), len({id(connection) for connection in started_on})
 
-    assert starts == workers * requests_each
+
+async def test_each_request_starts_on_the_first_connection_it_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With httpcore's own pool, a request handed a connection that another request took first is
+    queued and handed one again, sometimes hundreds of times (encode/httpcore#822)."""
+    transport = fair_transport(httpx.Limits(max_connections=100, max_keepalive_connections=20))
+    starts, _ = await _concurrent_gets(transport, monkeypatch, workers=8, requests_each=150)
+    assert starts == 8 * 150
+
+
+async def test_connections_are_kept_alive_while_more_requests_are_in_flight_than_the_keepalive_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """httpcore closes every connection that goes idle once it holds more connections than
+    `max_keepalive_connections`, so each request then opens a new one."""
+    transport = fair_transport(httpx.Limits(max_connections=100, max_keepalive_connections=2))
+    _, connections = await _concurrent_gets(transport, monkeypatch, workers=8, requests_each=100)
+    assert connections <= 2 * 8
 
 
 async def test_a_body_is_read_in_pieces_larger_than_httpcores_64_kib() -> None:
