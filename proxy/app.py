@@ -163,8 +163,8 @@ def create_app(
     recorded = AccessMiddleware(
         dispatch,
         [log_access, metrics.observe, usage.add],
-        on_start=metrics.in_flight.inc,
-        on_end=metrics.in_flight.dec,
+        on_start=metrics.request_started,
+        on_end=metrics.request_ended,
     )
     return ProxyApp(recorded, reload)
 

@@ -23,6 +23,7 @@ from pydantic import HttpUrl
 from proxy.access import RequestRecord, _timestamp, access_logger, log_access, start_access_log
 from proxy.app import create_app
 from proxy.config import AdminConfig, CacheConfig, RateLimit, Settings, UpstreamConfig, UsageConfig
+from proxy.metrics import Metrics
 from proxy.simulator import Simulator
 from tests.support import (
     ALL_SECRETS,
@@ -360,3 +361,16 @@ def test_served_access_lines_reach_stdout_whole_and_in_order(capsys: pytest.Capt
 def test_timestamps_are_iso_utc_milliseconds(now: float) -> None:
     expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     assert _timestamp(now) == expected
+
+
+def test_in_flight_requests_are_read_when_scraped() -> None:
+    metrics = Metrics(cache_available=lambda: True)
+    metrics.request_started()
+    metrics.request_started()
+    metrics.request_ended()
+
+    families = {
+        family.name: family for family in text_string_to_metric_families(metrics.exposition().decode())
+    }
+    [sample] = families["files_proxy_in_flight_requests"].samples
+    assert sample.value == 1
