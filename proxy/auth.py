@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
@@ -33,9 +33,10 @@ class Authenticator:
     def __init__(self, tenants: Iterable[Tenant]) -> None:
         self._tenants_by_hash = {key_hash: t for t in tenants for key_hash in t.client_key_hashes}
 
-    def authenticate(self, headers: Headers) -> Caller:
-        """The caller for these headers; AuthenticationError when missing, malformed or unknown."""
-        key, forms = presented_key(headers)
+    def authenticate(self, api_keys: Sequence[str], authorizations: Sequence[str]) -> Caller:
+        """The caller for these `x-api-key` and `Authorization` values; AuthenticationError when
+        missing, malformed or unknown."""
+        key, forms = presented_key(api_keys, authorizations)
         tenant = self._tenants_by_hash.get(hashlib.sha256(key.encode()).hexdigest())
         if tenant is None:
             raise AuthenticationError("Invalid API key for this proxy.")
@@ -44,20 +45,21 @@ class Authenticator:
 
 def check_admin(headers: Headers, key_sha256: str | None) -> None:
     """Admit the admin key only; with none configured, nobody is admitted."""
-    key, _ = presented_key(headers)
+    key, _ = presented_key(headers.getlist("x-api-key"), headers.getlist("authorization"))
     digest = hashlib.sha256(key.encode()).hexdigest()
     if key_sha256 is None or not hmac.compare_digest(digest, key_sha256):
         raise AuthenticationError("Invalid admin key.")
 
 
-def presented_key(headers: Headers) -> tuple[str, frozenset[str]]:
-    """The one key a request presents and the header forms it came in; AuthenticationError if unusable."""
+def presented_key(api_keys: Sequence[str], authorizations: Sequence[str]) -> tuple[str, frozenset[str]]:
+    """The one key a request presents (in its `x-api-key` and `Authorization` values) and the header
+    forms it came in; AuthenticationError if unusable."""
     presented: set[str] = set()
     forms: set[str] = set()
-    for value in headers.getlist("x-api-key"):
+    for value in api_keys:
         presented.add(value.strip())
         forms.add("x-api-key")
-    for value in headers.getlist("authorization"):
+    for value in authorizations:
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != "bearer":
             raise AuthenticationError(

@@ -44,7 +44,9 @@ class FilesHandler:
         What the access record needs and only this handler knows goes into `request.state`.
         """
         notes = request.state
-        caller = self._authenticator.authenticate(request.headers)
+        headers = _header_values(request.scope["headers"])
+        authenticate = self._authenticator.authenticate
+        caller = authenticate(headers.get("x-api-key", []), headers.get("authorization", []))
         notes.tenant, notes.workspace = caller.tenant.name, caller.tenant.workspace
         match = resolve(request.method, request.scope.get("raw_path") or request.url.path.encode())
         operation = match.operation
@@ -53,9 +55,9 @@ class FilesHandler:
         target = target_for(
             operation,
             caller.tenant.cache_scope,
-            request.headers.get("anthropic-workspace-id"),
-            request.headers.get("anthropic-version"),
-            request.headers.getlist("anthropic-beta"),
+            _first(headers, "anthropic-workspace-id"),
+            _first(headers, "anthropic-version"),
+            headers.get("anthropic-beta", []),
             match.file_id,
             request.scope["query_string"],
         )
@@ -82,7 +84,7 @@ class FilesHandler:
             if entry.status in (200, 404):
                 await self._cache.invalidate(target, self._cache.policy.writes_after_delete(target))
             return answer_response(Answer(entry, METHOD_STATUS))
-        no_cache = "no-cache" in request.headers.get("cache-control", "").lower()
+        no_cache = "no-cache" in (_first(headers, "cache-control") or "").lower()
         answer = await self._cache.read(target, lambda: self._read_whole(send), no_cache=no_cache)
         return answer_response(answer)
 
@@ -129,6 +131,20 @@ class FilesHandler:
     def _too_large(self) -> RequestTooLargeError:
         limit = self._max_upload_bytes
         return RequestTooLargeError(f"Upload is larger than this proxy's limit of {limit} bytes.")
+
+
+def _header_values(raw: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
+    """Every header's values by name, in one pass (ASGI names are lower case). Starlette's `Headers`
+    scans the whole list again for each name looked up: six times per request here."""
+    values: dict[str, list[str]] = {}
+    for name, value in raw:
+        values.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
+    return values
+
+
+def _first(headers: dict[str, list[str]], name: str) -> str | None:
+    found = headers.get(name)
+    return found[0] if found else None
 
 
 def _upstream_headers(request: Request, caller: Caller) -> list[tuple[str, str]]:

@@ -28,14 +28,16 @@ BRAVO = Tenant(
 TENANTS = {"alpha": ALPHA, "bravo": BRAVO}
 
 
-def raw_headers(*pairs: tuple[str, str | bytes]) -> Headers:
-    """Headers as the server hands them over: a raw list, so a name may repeat."""
-    return Headers(
+def key_values(*pairs: tuple[str, str | bytes]) -> tuple[list[str], list[str]]:
+    """The `x-api-key` and `Authorization` values of headers as the server hands them over: a raw
+    list, so a name may repeat."""
+    headers = Headers(
         raw=[
             (name.encode("latin-1"), value if isinstance(value, bytes) else value.encode("latin-1"))
             for name, value in pairs
         ]
     )
+    return headers.getlist("x-api-key"), headers.getlist("authorization")
 
 
 @pytest.fixture
@@ -94,7 +96,7 @@ def authenticator() -> Authenticator:
 def test_accepted(
     authenticator: Authenticator, pairs: list[tuple[str, str]], tenant: str, key_headers: set[str]
 ) -> None:
-    caller = authenticator.authenticate(raw_headers(*pairs))
+    caller = authenticator.authenticate(*key_values(*pairs))
 
     assert caller == Caller(tenant=TENANTS[tenant], key_headers=frozenset(key_headers))
     assert caller.tenant is TENANTS[tenant]
@@ -154,7 +156,7 @@ def test_accepted(
 )
 def test_rejected(authenticator: Authenticator, pairs: list[tuple[str, str | bytes]], reason: str) -> None:
     with pytest.raises(AuthenticationError) as caught:
-        authenticator.authenticate(raw_headers(*pairs))
+        authenticator.authenticate(*key_values(*pairs))
 
     error = caught.value
     assert error.status_code == 401
@@ -170,4 +172,4 @@ def test_rejected(authenticator: Authenticator, pairs: list[tuple[str, str | byt
 
 def test_no_tenants_accepts_nobody() -> None:
     with pytest.raises(AuthenticationError):
-        Authenticator([]).authenticate(raw_headers(("x-api-key", ALPHA_KEY)))
+        Authenticator([]).authenticate(*key_values(("x-api-key", ALPHA_KEY)))
