@@ -45,8 +45,9 @@ class FilesHandler:
         """
         notes = request.state
         headers = _header_values(request.scope["headers"])
-        authenticate = self._authenticator.authenticate
-        caller = authenticate(headers.get("x-api-key", []), headers.get("authorization", []))
+        caller = self._authenticator.authenticate(
+            headers.get("x-api-key", []), headers.get("authorization", [])
+        )
         notes.tenant, notes.workspace = caller.tenant.name, caller.tenant.workspace
         match = resolve(request.method, request.scope.get("raw_path") or request.url.path.encode())
         operation = match.operation

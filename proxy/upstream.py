@@ -157,7 +157,6 @@ class UpstreamClient:
         except httpx.HTTPError as exc:
             logger.warning("upstream unreachable: %s", type(exc).__name__)
             raise UpstreamUnavailableError("The Anthropic API could not be reached.") from exc
-        response.request = request
         return UpstreamReply(response)
 
     async def aclose(self) -> None:

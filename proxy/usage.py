@@ -15,7 +15,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
-from functools import lru_cache
 from typing import Any
 
 from proxy.access import RequestRecord
@@ -68,13 +67,8 @@ def counts_for(record: RequestRecord) -> dict[str, int]:
     return counts
 
 
-def _day_key(day: date) -> str:
-    return f"fp:usage:{{{day.isoformat()}}}"
-
-
-@lru_cache(maxsize=2)
-def _day_key_of(iso_day: str) -> str:
-    return _day_key(date.fromisoformat(iso_day))
+def _day_key(iso_day: str) -> str:
+    return f"fp:usage:{{{iso_day}}}"
 
 
 class UsageCounter:
@@ -86,7 +80,7 @@ class UsageCounter:
         """Count a finished request (unauthenticated ones have no workspace and are not counted)."""
         if record.tenant is None or record.workspace is None:
             return
-        key = _day_key_of(record.ts[:10])
+        key = _day_key(record.ts[:10])  # the record's day: YYYY-MM-DD
         for counter, amount in counts_for(record).items():
             if amount:
                 self._pending[(key, f"{record.workspace}|{record.tenant}|{counter}")] += amount
@@ -122,7 +116,7 @@ async def read_usage(
     """Totals per workspace and tenant over the days from `since` to `until`, both included."""
     rows: dict[tuple[str, str], UsageRow] = {}
     for day in _days(since, until):
-        for raw_field, raw_amount in (await store.hgetall(_day_key(day))).items():
+        for raw_field, raw_amount in (await store.hgetall(_day_key(day.isoformat()))).items():
             row_workspace, tenant, counter = raw_field.decode().split("|")
             if workspace is not None and row_workspace != workspace:
                 continue
