@@ -1,9 +1,9 @@
 """The framework's ceiling: a bare Starlette app answering the Files routes with fixed bytes.
 
 It returns the very metadata and list-page bytes the simulator returned for the bench's files, and
-runs on the uvicorn settings `files-proxy serve` uses (one worker, `loop`/`http` "auto", no access
-log, no server header, a TCP_NODELAY listener), so the proxy's hit path is compared with doing
-nothing but the framework and the server.
+runs on the server `files-proxy serve` uses (`proxy.server.run_servers`: one uvicorn worker on uvloop,
+the bounded httptools protocol, no access log, no server header, a TCP_NODELAY listener), so the
+proxy's hit path is compared with doing nothing but the framework and the server.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.cli import bind_listener
+from proxy.config import ServerConfig
+from proxy.server import bind_listener, run_on_server_loop, run_servers
 
 
 def create_app(metadata: bytes, listing: bytes) -> Starlette:
@@ -47,8 +47,9 @@ def main() -> None:
     args = parser.parse_args()
     bodies = json.loads(args.bodies.read_text())
     app = create_app(bodies["metadata"].encode(), bodies["list"].encode())
-    config = uvicorn.Config(app, log_config=None, log_level="warning", server_header=False, access_log=False)
-    uvicorn.Server(config).run(sockets=[bind_listener("127.0.0.1", args.port)])
+    # The proxy's own server and settings, so the difference measured is the proxy's code.
+    listener = bind_listener("127.0.0.1", args.port)
+    run_on_server_loop(run_servers([(app, listener)], "warning", ServerConfig()))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import select
 import sys
 import threading
 import time
@@ -193,12 +195,22 @@ class BatchedStdout(logging.Handler):
     """Collects access lines and lets a thread write them to stdout every `interval_s`, many at once.
 
     A line per write, or a queue hand-off per line, costs the event loop more than the line itself.
+    The thread writes to the file descriptor only when it can take the bytes (a pipe-sized piece at a
+    time), so a stdout nobody drains never blocks it for good: lines wait, up to `max_pending` of
+    them, then new ones are dropped and counted in `dropped`, and `stop` gives up after `drain_s`.
     """
 
-    def __init__(self, interval_s: float = 0.05) -> None:
+    def __init__(
+        self, fd: int, *, interval_s: float = 0.05, max_pending: int = 10_000, drain_s: float = 2.0
+    ) -> None:
         super().__init__()
+        self._fd = fd
         self._lines: deque[str] = deque()  # append and popleft are atomic: no lock, no line lost
+        self._max_pending = max_pending
         self._interval_s = interval_s
+        self._drain_s = drain_s
+        self._unwritten = bytearray()
+        self.dropped = 0  # counted on the event loop's thread only, until the writer has stopped
         self._stopping = threading.Event()
         self._writer = threading.Thread(target=self._run, name="files-proxy-access-log", daemon=True)
         self._writer.start()
@@ -207,30 +219,50 @@ class BatchedStdout(logging.Handler):
         self.add(record.getMessage())
 
     def add(self, line: str) -> None:
+        if len(self._lines) >= self._max_pending:
+            self.dropped += 1
+            return
         self._lines.append(line)
 
     def stop(self) -> None:
-        """Write what is left and end the thread."""
+        """Write what is left, for at most `drain_s`, and end the thread."""
         self._stopping.set()
-        self._writer.join()
+        self._writer.join(self._drain_s + 1)
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval_s):
-            self._write()
-        self._write()
+            self._write(until=None)
+        self._write(until=time.monotonic() + self._drain_s)
+        if self._unwritten or self._lines:
+            self.dropped += len(self._lines) + self._unwritten.count(b"\n")
+            logging.getLogger(__name__).warning("stdout is not being read: access lines were dropped")
 
-    def _write(self) -> None:
-        batch = []
-        while self._lines:
-            batch.append(self._lines.popleft())
-        if batch:
-            sys.stdout.write("\n".join(batch) + "\n")
-            sys.stdout.flush()
+    def _write(self, until: float | None) -> None:
+        """Write waiting lines while stdout takes them; stop early when it does not, or at `until`.
+
+        A new batch is taken only once the last one is written, so while stdout stalls the lines
+        wait in `_lines`, where `add` sees them and drops what is over the bound.
+        """
+        while True:
+            if not self._unwritten:
+                batch = [self._lines.popleft() for _ in range(len(self._lines))]
+                if not batch:
+                    return
+                self._unwritten = bytearray(("\n".join(batch) + "\n").encode())
+            wait_s = self._interval_s if until is None else until - time.monotonic()
+            if wait_s <= 0:
+                return
+            _, writable, _ = select.select([], [self._fd], [], wait_s)
+            if not writable:
+                return
+            # At most PIPE_BUF bytes: a write that size to a pipe with room never blocks.
+            written = os.write(self._fd, self._unwritten[: select.PIPE_BUF])
+            del self._unwritten[:written]  # cheap: a bytearray drops its head without copying the rest
 
 
 def start_access_log() -> BatchedStdout:
     """Send access lines to stdout from a thread; stop the returned handler to flush at exit."""
-    handler = BatchedStdout()
+    handler = BatchedStdout(sys.stdout.fileno())
     access_logger.addHandler(handler)
     access_logger.propagate = False
     return handler

@@ -54,9 +54,11 @@ def create_app(
     upstream_transport: httpx.AsyncBaseTransport | None = None,
     store: RedisStore | None = None,
     clock: Callable[[], float] = time.time,
+    access_lines_dropped: Callable[[], int] = lambda: 0,
 ) -> ProxyApp:
     """The proxy app for these settings; `load_settings` re-reads them on reload; `upstream_transport` and
-    `store` replace the configured ones (tests, bench)."""
+    `store` replace the configured ones (tests, bench); `access_lines_dropped` reads the access log's
+    count of lines it could not write, for metrics."""
     upstream = UpstreamClient(settings.upstream, transport=upstream_transport)
     cache_config = settings.cache
     store = store or open_store(
@@ -70,7 +72,9 @@ def create_app(
         clock=clock,
     )
     handler = FilesHandler(settings, upstream, cache, RateLimiter(store))
-    metrics = Metrics(cache_available=lambda: not store.breaker.is_open)
+    metrics = Metrics(
+        cache_available=lambda: not store.breaker.is_open, access_lines_dropped=access_lines_dropped
+    )
     store.on_call = lambda outcome: metrics.cache_operations.labels(outcome).inc()
     usage = UsageCounter(store)
 

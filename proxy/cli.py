@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
-import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import uvicorn
 from pydantic import HttpUrl
 from starlette.types import ASGIApp
 
 from proxy.access import start_access_log
 from proxy.app import create_app
-from proxy.config import ConfigError, Settings, Tenant, UpstreamConfig, hash_key, load_settings
+from proxy.config import ConfigError, ServerConfig, Settings, Tenant, UpstreamConfig, hash_key, load_settings
+from proxy.server import bind_listener, listener_url, run_on_server_loop, run_servers
 from proxy.simulator import Simulator
 from proxy.store import open_store
 from proxy.usage import COUNTERS, UsageRow, read_usage, usage_report
@@ -92,14 +89,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    app = create_app(settings, load_settings=lambda: load_settings(args.config))
     access_log = start_access_log()
+    app = create_app(
+        settings,
+        load_settings=lambda: load_settings(args.config),
+        access_lines_dropped=lambda: access_log.dropped,
+    )
     try:
-        _run_on_server_loop(
-            _run_servers(
+        run_on_server_loop(
+            run_servers(
                 [(app, bind_listener(args.host, args.port))],
                 args.log_level,
-                grace_s=settings.server.shutdown_grace_s,
+                settings.server,
                 on_hangup=app.reload,
             )
         )
@@ -140,8 +141,10 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     listener = bind_listener(args.host, args.port)
-    print(f"Files API simulator on {_url(listener)} (any API key is accepted)", flush=True)
-    _run_on_server_loop(_run_servers([(Simulator(latency_ms=args.latency_ms).app, listener)], args.log_level))
+    print(f"Files API simulator on {listener_url(listener)} (any API key is accepted)", flush=True)
+    run_on_server_loop(
+        run_servers([(Simulator(latency_ms=args.latency_ms).app, listener)], args.log_level, ServerConfig())
+    )
     return 0
 
 
@@ -158,9 +161,9 @@ def _demo(args: argparse.Namespace) -> int:
         client_key_hashes=frozenset({hash_key(proxy_key)}),
         api_key=upstream_key,
     )
-    upstream = UpstreamConfig(base_url=HttpUrl(_url(simulator_listener)))
+    upstream = UpstreamConfig(base_url=HttpUrl(listener_url(simulator_listener)))
     settings = Settings(tenants=(tenant,), upstream=upstream)
-    url = _url(proxy_listener)
+    url = listener_url(proxy_listener)
     print(
         f"files-proxy demo: a proxy in front of a local Files API simulator. Nothing is written to disk.\n"
         f"  base URL:  {url}\n"
@@ -174,7 +177,8 @@ def _demo(args: argparse.Namespace) -> int:
         (simulator.app, simulator_listener),
         (create_app(settings), proxy_listener),
     ]
-    _run_on_server_loop(_run_servers(servers, "warning" if args.log_level == "info" else args.log_level))
+    log_level = "warning" if args.log_level == "info" else args.log_level
+    run_on_server_loop(run_servers(servers, log_level, settings.server))
     return 0
 
 
@@ -208,87 +212,3 @@ async def _read_usage(url: str, since: date, until: date, workspace: str | None)
         return await read_usage(store, since, until, workspace)
     finally:
         await store.aclose()
-
-
-class _Server(uvicorn.Server):
-    """Leaves signals to `_run_servers`, so several servers in one process stop on one Ctrl-C."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _run_on_server_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run on the event loop `uvicorn.run` would pick: uvloop when it is installed (it is, with
-    uvicorn[standard]). Plain `asyncio.run` would quietly serve on the slower stdlib loop."""
-    loop_factory = uvicorn.Config(app=_run_servers, log_config=None).get_loop_factory()
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(main)
-
-
-async def _run_servers(
-    apps: Sequence[tuple[ASGIApp, socket.socket]],
-    log_level: str,
-    *,
-    grace_s: int | None = None,
-    on_hangup: Callable[[], Awaitable[None]] | None = None,
-) -> None:
-    """Serve until SIGINT or SIGTERM: stop accepting, let requests in flight finish for up to
-    `grace_s`, then return. SIGHUP runs `on_hangup` (a config reload) and keeps serving."""
-    # Our access log replaces uvicorn's; neither it nor httpx writes a line per request to stderr.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    def server(app: ASGIApp) -> _Server:
-        config = uvicorn.Config(
-            app,
-            log_config=None,
-            log_level=log_level,
-            server_header=False,
-            access_log=False,
-            timeout_graceful_shutdown=grace_s,
-        )
-        return _Server(config)
-
-    servers = [(server(app), listener) for app, listener in apps]
-
-    def stop() -> None:
-        for server, _ in servers:
-            server.should_exit = True
-
-    reloads: set[asyncio.Task[None]] = set()
-
-    async def reload(hangup: Callable[[], Awaitable[None]]) -> None:
-        try:
-            await hangup()
-        except ConfigError as exc:
-            logging.getLogger(__name__).error("config reload rejected, the running config stays: %s", exc)
-
-    def hang_up() -> None:
-        if on_hangup is not None:
-            task = asyncio.create_task(reload(on_hangup))
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop)
-    loop.add_signal_handler(signal.SIGHUP, hang_up)
-    await asyncio.gather(*(server.serve(sockets=[listener]) for server, listener in servers))
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    """Bind before serving, so port 0 works and the real address can be printed first.
-
-    TCP_NODELAY is set here because accepted connections inherit it: on a socket handed to the
-    server, nothing else sets it, and Nagle's algorithm with delayed ACKs then holds every
-    response on a kept-alive connection for ~40 ms.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, reuse_port=False)
-    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return listener
-
-
-def _url(listener: socket.socket) -> str:
-    host, port = listener.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -84,6 +84,15 @@ class ServerConfig(_Section):
     # On SIGTERM the proxy stops accepting, lets requests in flight finish for up to this long
     # (an upload in progress completes), then exits.
     shutdown_grace_s: Annotated[int, Field(ge=0)] = 30
+    # Bounds before any key is checked (nginx's large_client_header_buffers and client_header_timeout):
+    # a larger header section gets 431, a slower one is closed.
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Idle keep-alive connections are closed after this; above the usual 60 s of load balancers, so
+    # that they, not the proxy, close first.
+    keep_alive_s: Annotated[float, Field(gt=0)] = 75.0
+    # Connections served at once; more are refused (503) without touching those being served.
+    max_connections: Annotated[int, Field(ge=1)] = 4096
 
 
 class AdminConfig(_Section):

@@ -21,6 +21,11 @@ from proxy.upstream import UpstreamClient, UpstreamReply, end_to_end
 
 # List pages of 1000 files are a few hundred KB; anything far larger is not a Files API answer.
 _MAX_JSON_ANSWER = 32 * 1024 * 1024
+# The headers that choose an answer's shape (part of the cache key), and their bound in bytes; real
+# values are a few dozen bytes. A query string of 100 `ids[]` is about 3 KB.
+_VARIANT_HEADERS = ("anthropic-beta", "anthropic-version")
+_MAX_VARIANT_HEADER_BYTES = 1024
+_MAX_QUERY_BYTES = 8 * 1024
 
 
 class FilesHandler:
@@ -52,6 +57,7 @@ class FilesHandler:
         match = resolve(request.method, request.scope.get("raw_path") or request.url.path.encode())
         operation = match.operation
         notes.route, notes.file_id = operation.template, match.file_id
+        _check_key_inputs(headers, request.scope["query_string"])
         await self._rate_limiter.check(caller.tenant)
         target = target_for(
             operation,
@@ -141,6 +147,15 @@ def _header_values(raw: list[tuple[bytes, bytes]]) -> dict[str, list[str]]:
     for name, value in raw:
         values.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
     return values
+
+
+def _check_key_inputs(headers: dict[str, list[str]], query: bytes) -> None:
+    """Bound what the cache key is made of, so no client value makes the key costly to build or keep."""
+    for name in _VARIANT_HEADERS:
+        if sum(len(value) for value in headers.get(name, ())) > _MAX_VARIANT_HEADER_BYTES:
+            raise InvalidRequestError(f"{name}: longer than {_MAX_VARIANT_HEADER_BYTES} bytes.")
+    if len(query) > _MAX_QUERY_BYTES:
+        raise InvalidRequestError(f"Query string longer than {_MAX_QUERY_BYTES} bytes.")
 
 
 def _first(headers: dict[str, list[str]], name: str) -> str | None:

@@ -6,12 +6,14 @@ collapsed to a few values: nothing a client sends can create a new time series.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from proxy.access import RequestRecord
 
@@ -37,7 +39,9 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    def __init__(self, cache_available: Callable[[], bool]) -> None:
+    def __init__(
+        self, cache_available: Callable[[], bool], access_lines_dropped: Callable[[], int] = lambda: 0
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "files_proxy_requests",
@@ -84,6 +88,13 @@ class Metrics:
             registry=self.registry,
         )
         available.set_function(lambda: 1.0 if cache_available() else 0.0)
+        self.registry.register(
+            _CounterReadAtScrape(
+                "files_proxy_access_lines_dropped",
+                "Access lines dropped because stdout was not being read fast enough.",
+                access_lines_dropped,
+            )
+        )
         self.usage_flushes = Counter(
             "files_proxy_usage_flushes",
             "Writes of usage counters to the store, by outcome (a failed one is retried).",
@@ -127,3 +138,15 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CounterReadAtScrape(Collector):
+    """A counter kept elsewhere (here: by the access log's writer) and read when scraped."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())

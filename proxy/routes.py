@@ -17,6 +17,7 @@ from proxy.errors import InvalidRequestError, MethodNotAllowedError, NotFoundErr
 
 _FILE_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _FORBIDDEN_IN_SEGMENT = re.compile(rb"[/\\\x00]")
+_BAD_FILE_ID = "file_id: must be 1 to 256 letters, digits, '_' or '-'."
 
 
 class Operation(Enum):
@@ -56,16 +57,29 @@ class RouteMatch:
         return self.operation.template.replace("{file_id}", self.file_id)
 
 
-@lru_cache(maxsize=4096)  # the same few paths again and again: about 4% of a cache hit
+# The longest path a Files route can have: a 256-character file id, every character %-escaped.
+_MAX_PATH_BYTES = len("/v1/files//content") + 3 * 256
+
+
 def resolve(method: str, raw_path: bytes) -> RouteMatch:
     """Match a request to a Files operation, or raise the error the proxy answers itself."""
+    if len(raw_path) <= _MAX_PATH_BYTES:
+        return _resolve(method, raw_path)
+    if raw_path.startswith(b"/v1/files/"):
+        raise InvalidRequestError(_BAD_FILE_ID)
+    raise NotFoundError(f"Not found: the proxy serves only the Files API ({method} {_shown(raw_path)}).")
+
+
+# The same few paths again and again (about 4% of a cache hit); bounded in bytes by the check above.
+@lru_cache(maxsize=4096)
+def _resolve(method: str, raw_path: bytes) -> RouteMatch:
     segments = [_decode_segment(segment) for segment in raw_path.split(b"/")]
     shape = ["", "v1", "files", "{file_id}", "content"][: len(segments)]
     file_id = segments[3] if len(segments) > 3 else None
     if len(segments) < 3 or segments[:3] + segments[4:] != shape[:3] + shape[4:] or file_id == "":
         raise NotFoundError(f"Not found: the proxy serves only the Files API ({method} {_shown(raw_path)}).")
     if file_id is not None and not _FILE_ID.fullmatch(file_id):
-        raise InvalidRequestError("file_id: must be 1 to 256 letters, digits, '_' or '-'.")
+        raise InvalidRequestError(_BAD_FILE_ID)
     template = "/".join(shape)
     operation = _ALLOWED_METHODS[template].get(method)
     if operation is None:

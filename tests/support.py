@@ -19,7 +19,8 @@ from pydantic import HttpUrl
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.app import create_app
-from proxy.config import CacheConfig, LimitsConfig, Settings, Tenant, UpstreamConfig, hash_key
+from proxy.config import CacheConfig, LimitsConfig, ServerConfig, Settings, Tenant, UpstreamConfig, hash_key
+from proxy.server import bind_listener, server_config
 from proxy.simulator import Simulator
 from proxy.store import RedisStore
 
@@ -88,14 +89,13 @@ def free_port() -> int:
 
 
 class Served:
-    """An ASGI app under a real uvicorn server, in a thread of this process."""
+    """An ASGI app under the proxy's own server (`proxy.server`), in a thread of this process."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
+    def __init__(self, app: ASGIApp, bounds: ServerConfig | None = None, log_level: str = "warning") -> None:
+        self._listener = bind_listener("127.0.0.1", 0)
         self.port: int = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_config=None, log_level="warning", ws="none", lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(server_config(app, log_level, bounds or ServerConfig()))
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self._listener]}, daemon=True
         )

@@ -6,8 +6,11 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import HttpUrl
 
-from proxy.access import RequestRecord, _timestamp, access_logger, log_access, start_access_log
+from proxy.access import BatchedStdout, RequestRecord, _timestamp, access_logger, log_access, start_access_log
 from proxy.app import create_app
 from proxy.config import AdminConfig, CacheConfig, RateLimit, Settings, UpstreamConfig, UsageConfig
 from proxy.metrics import Metrics
@@ -35,6 +38,7 @@ from tests.support import (
     config_toml,
     free_port,
     team_environment,
+    wait_for,
     wait_until_up,
 )
 
@@ -339,7 +343,7 @@ def _record(**changes: Any) -> RequestRecord:
     return RequestRecord(**(fields | changes))
 
 
-def test_served_access_lines_reach_stdout_whole_and_in_order(capsys: pytest.CaptureFixture[str]) -> None:
+def test_served_access_lines_reach_stdout_whole_and_in_order(capfd: pytest.CaptureFixture[str]) -> None:
     """`serve`'s setup (the batch writer alone on the access logger) skips logging's LogRecord."""
     records = [_record(request_id=f"req_{n}") for n in range(3)]
     access_logger.setLevel(logging.INFO)
@@ -353,7 +357,7 @@ def test_served_access_lines_reach_stdout_whole_and_in_order(capsys: pytest.Capt
         access_logger.propagate = True
         access_logger.setLevel(logging.NOTSET)
 
-    lines = capsys.readouterr().out.splitlines()
+    lines = capfd.readouterr().out.splitlines()
     assert [json.loads(line) for line in lines] == [dataclasses.asdict(record) for record in records]
 
 
@@ -374,3 +378,64 @@ def test_in_flight_requests_are_read_when_scraped() -> None:
     }
     [sample] = families["files_proxy_in_flight_requests"].samples
     assert sample.value == 1
+
+
+def test_a_stdout_nobody_reads_drops_and_counts_lines_and_never_blocks() -> None:
+    """Lines wait up to the bound, then are dropped and counted; `stop` still returns."""
+    read_end, write_end = os.pipe()
+    try:
+        handler = BatchedStdout(write_end, interval_s=0.01, max_pending=100, drain_s=0.2)
+        line = _record().json_line()
+        for _ in range(5_000):  # about 2 MB: far more than a pipe and the bound hold
+            handler.add(line)
+        wait_for(lambda: handler.dropped > 0, what="dropped lines")
+        stopper = threading.Thread(target=handler.stop)
+        stopper.start()
+        stopper.join(timeout=10)
+        assert not stopper.is_alive()
+        written = os.read(read_end, 1 << 20).count(b"\n")
+        assert written > 0
+        assert written + handler.dropped <= 5_000  # every line is written or counted, none twice
+        assert handler.dropped >= 5_000 - 100 - written
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_dropped_access_lines_are_a_metric() -> None:
+    metrics = Metrics(cache_available=lambda: True, access_lines_dropped=lambda: 7)
+    families = {
+        family.name: family for family in text_string_to_metric_families(metrics.exposition().decode())
+    }
+    [sample] = families["files_proxy_access_lines_dropped"].samples
+    assert (sample.name, sample.value) == ("files_proxy_access_lines_dropped_total", 7)
+
+
+def test_serve_with_a_stalled_stdout_keeps_answering_and_stops_on_sigterm(
+    simulator_url: str, tmp_path: Path
+) -> None:
+    """`files-proxy serve` whose stdout pipe nobody reads: requests are answered, the dropped lines
+    are counted, and SIGTERM still ends it within the grace period plus the log's drain time."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(config_toml(simulator_url, "[server]\nshutdown_grace_s = 2\n"))
+    port = free_port()
+    command = [FILES_PROXY, "serve", "--config", str(config), "--port", str(port)]
+    env = {**os.environ, **team_environment()}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as proxy:
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_until_up(url)
+            headers = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2026-10-21"}
+            with httpx.Client(base_url=url, headers=headers) as client:
+                statuses = {client.get("/v1/files").status_code for _ in range(12_000)}
+                metrics = client.get("/metrics").text
+            assert statuses == {200}
+            dropped = [
+                line for line in metrics.splitlines() if line.startswith("files_proxy_access_lines_dropped")
+            ]
+            assert dropped and float(dropped[0].split()[-1]) > 0
+            proxy.send_signal(signal.SIGTERM)
+            assert proxy.wait(timeout=2 + 10) == 0
+        finally:
+            if proxy.poll() is None:
+                proxy.kill()

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from proxy.cli import _run_on_server_loop, bind_listener, main
+from proxy.cli import main
 from proxy.config import hash_key
+from proxy.server import bind_listener, run_on_server_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_ALPHA = "FILES_PROXY_TEST_KEY_ALPHA"
@@ -212,5 +213,5 @@ def test_servers_run_on_uvloop_as_uvicorn_run_would() -> None:
     async def note_loop() -> None:
         seen.append(asyncio.get_running_loop())
 
-    _run_on_server_loop(note_loop())
+    run_on_server_loop(note_loop())
     assert isinstance(seen[0], uvloop.Loop)

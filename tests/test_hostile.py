@@ -221,10 +221,10 @@ def test_repeated_query_keys_pass_in_order_and_are_cached_apart(proxy_url: str, 
         pytest.param("authorization", id="bearer"),
     ],
 )
-def test_64kb_credential_header_is_refused_and_not_echoed(
+def test_60kb_credential_header_is_refused_and_not_echoed(
     proxy_url: str, simulator: Simulator, name: str
 ) -> None:
-    value = ("k" * 65_536) if name == "x-api-key" else "Bearer " + "k" * 65_536
+    value = ("k" * 60_000) if name == "x-api-key" else "Bearer " + "k" * 60_000
     answer = _send(proxy_url, "GET", "/v1/files", [(name, value), ("anthropic-version", "2026-10-21")])
 
     _assert_proxy_error(answer, 401, "authentication_error")
@@ -232,13 +232,25 @@ def test_64kb_credential_header_is_refused_and_not_echoed(
     assert simulator.received == []
 
 
-@pytest.mark.parametrize("name", ["x-team-trace", "anthropic-beta", "user-agent"])
-def test_64kb_ordinary_header_passes_unchanged_and_stays_out_of_the_log(
+@pytest.mark.parametrize("name", ["x-api-key", "x-team-trace"])
+def test_a_header_section_over_64kib_is_refused_before_authentication(
+    proxy_url: str, simulator: Simulator, name: str
+) -> None:
+    """`server.max_header_bytes` (64 KiB in all): 431 from the front end, and nothing is echoed."""
+    answer = _send(proxy_url, "GET", "/v1/files", [*GA, (name, "k" * 65_536)])
+
+    _assert_proxy_error(answer, 431, "invalid_request_error")
+    assert b"kkkk" not in answer[2]
+    assert simulator.received == []
+
+
+@pytest.mark.parametrize("name", ["x-team-trace", "user-agent"])
+def test_60kb_ordinary_header_passes_unchanged_and_stays_out_of_the_log(
     proxy_url: str, simulator: Simulator, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Not the proxy's to judge: the value reaches upstream whole (which may refuse it); the access
-    line keeps at most 200 characters of a client-chosen value, and the cache key only a hash."""
-    value = "v" * 65_536
+    line keeps at most 200 characters of a client-chosen value."""
+    value = "v" * 60_000
     with caplog.at_level(logging.INFO, logger="files_proxy.access"):
         answers = [_send(proxy_url, "GET", "/v1/files", [*GA, (name, value)]) for _ in range(2)]
 
@@ -249,6 +261,28 @@ def test_64kb_ordinary_header_passes_unchanged_and_stays_out_of_the_log(
     access_lines = [r.getMessage() for r in caplog.records if r.name == "files_proxy.access"]
     assert len(access_lines) == 2
     assert all(len(line) < 2_000 for line in access_lines)
+
+
+@pytest.mark.parametrize(
+    ("headers", "target"),
+    [
+        pytest.param([("anthropic-beta", "b" * 1025)], "/v1/files", id="anthropic-beta"),
+        pytest.param(
+            [("anthropic-beta", "b" * 600), ("anthropic-beta", "c" * 600)], "/v1/files", id="beta-twice"
+        ),
+        pytest.param([("anthropic-version", "v" * 1025)], "/v1/files", id="anthropic-version"),
+        pytest.param([], "/v1/files?after_id=" + "a" * 8200, id="query"),
+    ],
+)
+def test_cache_key_inputs_over_their_bound_are_refused(
+    proxy_url: str, simulator: Simulator, headers: list[tuple[str, str]], target: str
+) -> None:
+    """What the cache key is made of is bounded: over 1 KiB of `anthropic-beta` or `anthropic-version`,
+    or a query string over 8 KiB, is a 400 from the proxy, and nothing reaches upstream."""
+    answer = _send(proxy_url, "GET", target, [("x-api-key", ALPHA.proxy_key), *headers])
+
+    _assert_proxy_error(answer, 400, "invalid_request_error")
+    assert simulator.received == []
 
 
 @pytest.mark.parametrize(
