@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes; by default only the wrk-free scenarios"
     )
-    parser.add_argument("--duration", type=float, help="seconds per measured wrk run (default 6)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help="seconds per measured wrk run (default 6); noisy-neighbour windows are twice this",
+    )
     parser.add_argument("--warmup", type=float, help="seconds of unmeasured load before each run (default 2)")
     parser.add_argument("--transfer-mb", type=float, help="size of the download and upload (default 500)")
     parser.add_argument("--files", type=int, help="files in the Zipf mix (default 10000)")

@@ -22,6 +22,7 @@ import psutil
 from bench.context import Context
 from bench.flight import concurrent_misses
 from bench.load import LoadResult, run_wrk
+from bench.noisy import noisy_neighbour
 from bench.services import Service
 from bench.table import Row, load_text
 from bench.transfer import RssSampler, Transfer, download, upload
@@ -224,9 +225,10 @@ SCENARIOS: dict[str, Scenario] = {
     "single-flight": Scenario(single_flight, ()),
     "zipf-mix": Scenario(zipf_mix, ("wrk",)),
     "transfer": Scenario(transfer, ()),
+    "noisy-neighbour": Scenario(noisy_neighbour, ()),
 }
 # What a smoke run (and the test) exercises: the scenarios that need neither wrk nor nginx.
-SMOKE_SCENARIOS = ("single-flight", "transfer")
+SMOKE_SCENARIOS = ("single-flight", "transfer", "noisy-neighbour")
 
 
 def _load(

@@ -1,8 +1,9 @@
 """The bench's smoke run, end to end: real simulator, redis-server and proxy processes, no wrk or nginx.
 
 It checks the results, not only that the harness ran: one upstream request for many concurrent misses,
-a download through the proxy byte for byte the direct one, an upload stored whole, and the table,
-JSON and PNG written. Then no process of the run may be left.
+a download through the proxy byte for byte the direct one, an upload stored whole, a noisy-neighbour
+row per attack with the victim's whole schedule accounted for, and the table, JSON and PNG written.
+Then no process of the run may be left.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 
 from bench.__main__ import main
 from bench.load import parse_wrk_output
+from bench.noisy import ATTACKS
 from bench.scenarios import _METRIC_LINE
 from bench.table import Row, markdown_table
 
@@ -23,7 +25,7 @@ def _descendants() -> set[int]:
     return {child.pid for child in psutil.Process().children(recursive=True)}
 
 
-def test_smoke_run_measures_single_flight_and_streaming(tmp_path: Path) -> None:
+def test_smoke_run_measures_single_flight_streaming_and_noisy_neighbours(tmp_path: Path) -> None:
     before = _descendants()
 
     assert main(["--smoke", "--out", str(tmp_path)]) == 0
@@ -33,11 +35,27 @@ def test_smoke_run_measures_single_flight_and_streaming(tmp_path: Path) -> None:
     flight = next(row for row in rows if "concurrent GETs" in row["scenario"])
     assert flight["numbers"]["upstream_requests"] == 1
     assert flight["numbers"]["ok"] == flight["numbers"]["requests"] == 100
-    transfers = [row for row in rows if row["server"] == "proxy (redis)" and "MB" in row["scenario"]]
+    transfers = [
+        row
+        for row in rows
+        if row["server"] == "proxy (redis)" and row["scenario"].endswith(("download", "upload"))
+    ]
     assert [row["scenario"] for row in transfers] == ["4 MB download", "4 MB upload"]
     for row in transfers:
         assert "BYTES DIFFER" not in row["measured"] and "status" not in row["measured"]
         assert row["numbers"]["mb_per_s"] > 0
+    alone, *attacked = [row for row in rows if row["scenario"].startswith("noisy neighbour: ")]
+    assert alone["target"] == "baseline" and alone["numbers"]["errors"] == 0
+    assert len(attacked) == len(ATTACKS)
+    for row in (alone, *attacked):
+        # 8 connections, a request due every 10 ms each, for the smoke run's 2 s window: all answered or counted.
+        assert row["numbers"]["requests"] == pytest.approx(1600, abs=8)
+        assert 0 < row["numbers"]["p50_ms"] <= row["numbers"]["p99_ms"]
+        assert row["numbers"]["peak_rss_mb"] > 0
+    for row, attack in zip(attacked, ATTACKS, strict=True):
+        assert row["scenario"].startswith(f"noisy neighbour: {attack.label}")
+        assert "attack: " in row["measured"] and row["numbers"]["p99_ratio"] > 0
+    assert "SIGTERM" in attacked[-1]["measured"]
     table = (tmp_path / "latest.md").read_text()
     assert "| 100 concurrent GETs of one uncached file | proxy (redis) |" in table
     assert "machine: " in table and "command: `python -m bench" in table
