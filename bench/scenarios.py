@@ -1,5 +1,6 @@
-"""The scenarios of issue 6, each returning its table rows: the proxy next to its baselines, measured
-one after the other in one run, so their ratios are what counts on a noisy machine.
+"""The scenarios of issue 6 (with issue 13's targets and its miss over TLS), each returning its table
+rows: the proxy next to its baselines, measured one after the other in one run, so their ratios are
+what counts on a noisy machine.
 
 A miss is made with `Cache-Control: no-cache`, which the proxy honours by looking up the store,
 fetching upstream and storing the answer: the full miss path, at any rate and for as long as wanted,
@@ -15,6 +16,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import psutil
@@ -23,12 +25,18 @@ from bench.context import Context
 from bench.flight import concurrent_misses
 from bench.load import LoadResult, run_wrk
 from bench.noisy import noisy_neighbour
+from bench.seed import add_files
 from bench.services import Service
 from bench.table import Row, load_text
 from bench.transfer import RssSampler, Transfer, download, upload
 
 _HIT_CONNECTIONS = 64
 _MISS_CONNECTIONS = (1, 8, 64)
+# One connection (latency) and 8 (throughput) give production's path its figure; 64 would only add time.
+_TLS_MISS_CONNECTIONS = (1, 8)
+# Issue 13: a proxied miss costs at most 0.55 ms of server CPU, at every connection count.
+_MISS_CPU_US = 550
+_MISS_CPU_TARGET = "server CPU <= 0.55 ms per request"
 _RSS_LIMIT = 64 * 1024 * 1024
 # Label values may hold braces (route="/v1/files/{file_id}"), so the label set is matched greedily.
 _METRIC_LINE = re.compile(r'^files_proxy_requests_total\{.*\bcache="(\w+)".*\} ([0-9.e+]+)$', re.M)
@@ -84,38 +92,52 @@ def list_hit(ctx: Context) -> list[Row]:
 
 
 def miss(ctx: Context) -> list[Row]:
-    options = {"mode": "cycle", "ids": str(ctx.miss_ids_file), "nocache": "1"}
     rows: list[Row] = []
     proxy_rps: dict[int, float] = {}
     for connections in _MISS_CONNECTIONS:
         scenario = f"miss (0 ms upstream), {connections} conns"
         ctx.forget_requests()
-        direct = _load(ctx, ctx.simulator, None, connections=connections, direct=True, extra=options)
-        proxied = _load(ctx, ctx.proxy_redis, None, connections=connections, extra=options)
+        direct, proxied = _misses(ctx, ctx.simulator, ctx.proxy_redis, ctx.miss_ids_file, connections)
         proxy_rps[connections] = proxied.rps
-        added_p50, added_p99 = proxied.p50_ms - direct.p50_ms, proxied.p99_ms - direct.p99_ms
         rows.append(_baseline(scenario, "simulator direct", direct))
-        added = f"p50 {added_p50:+.2f} ms, p99 {added_p99:+.2f} ms over direct"
-        if connections < max(_MISS_CONNECTIONS):
-            met = added_p50 <= 1 and added_p99 <= 5
+        added = _over_direct(proxied, direct)
+        if connections == 1:
+            target = f"p50 <= direct + 0.5 ms; {_MISS_CPU_TARGET}"
+            met = proxied.p50_ms - direct.p50_ms <= 0.5 and _cpu_met(proxied)
+            rows.append(_compared(scenario, "proxy (redis)", proxied, target, added, met))
+        elif connections < max(_MISS_CONNECTIONS):
             rows.append(
-                _compared(
-                    scenario,
-                    "proxy (redis)",
-                    proxied,
-                    "p50 <= direct + 1 ms; p99 <= direct + 5 ms",
-                    added,
-                    met,
-                )
+                _compared(scenario, "proxy (redis)", proxied, _MISS_CPU_TARGET, added, _cpu_met(proxied))
             )
         else:
             ratio = proxied.rps / proxy_rps[8]
-            rows.append(
-                _compared(
-                    scenario, "proxy (redis)", proxied, ">= 0.8 x the proxy's 8-conn req/s",
-                    f"{ratio:.2f} x 8 conns; {added}", ratio >= 0.8, ratio=ratio,
-                )
-            )  # fmt: skip
+            target = f">= 0.9 x the proxy's 8-conn req/s; {_MISS_CPU_TARGET}"
+            versus, met = f"{ratio:.2f} x 8 conns; {added}", ratio >= 0.9 and _cpu_met(proxied)
+            rows.append(_compared(scenario, "proxy (redis)", proxied, target, versus, met, ratio=ratio))
+    return rows
+
+
+def miss_tls(ctx: Context) -> list[Row]:
+    """The miss as production takes it: the upstream over HTTPS, its certificate verified against a
+    CA made for the run (`upstream.ca_file`). A figure, not a target (met stays None, so the summary
+    counts issue 13's targets only): it is read against the plain-HTTP miss rows of the same run."""
+    upstream = ctx.services.tls_simulator()
+    proxy = ctx.services.proxy(
+        "proxy-tls", upstream.service.url, ctx.redis.url, ctx.keys, ca_file=upstream.ca_file
+    )
+    ids = asyncio.run(add_files(upstream.control_url, ctx.keys.upstream_key, ctx.options.miss_files))
+    ids_file = ctx.workdir / "miss-tls-ids.txt"
+    ids_file.write_text("\n".join(ids) + "\n")
+    rows: list[Row] = []
+    for connections in _TLS_MISS_CONNECTIONS:
+        scenario = f"miss over TLS (0 ms upstream), {connections} conns"
+        httpx.delete(f"{upstream.control_url}/_simulator/requests").raise_for_status()
+        direct, proxied = _misses(ctx, upstream.service, proxy, ids_file, connections)
+        measured = f"{load_text(proxied)}; {_over_direct(proxied, direct)}"
+        rows += [
+            _baseline(scenario, "simulator direct (TLS)", direct),
+            Row(scenario, "proxy (redis)", "figure only (no target)", measured, None, _numbers(proxied)),
+        ]
     return rows
 
 
@@ -197,9 +219,10 @@ def transfer(ctx: Context) -> list[Row]:
         proxy_up = upload(proxy.url, ctx.proxy_headers(), size)
     intact = direct_down.sha256 == proxy_down.sha256
     rows = []
-    for kind, direct, proxied, rss, same in (
-        ("download", direct_down, proxy_down, down_rss, intact),
-        ("upload", direct_up, proxy_up, up_rss, True),
+    # Issue 13's floors of the proxied rate, as a share of the direct one.
+    for kind, direct, proxied, rss, same, floor in (
+        ("download", direct_down, proxy_down, down_rss, intact, 0.6),
+        ("upload", direct_up, proxy_up, up_rss, True, 0.8),
     ):
         scenario = f"{mb} {kind}"
         rows.append(
@@ -210,11 +233,10 @@ def transfer(ctx: Context) -> list[Row]:
         measured = f"{_transfer_text(proxied, size)}; {ratio:.2f} x direct; RSS +{rss.growth / 2**20:.1f} MB"
         if not same:
             measured += "; BYTES DIFFER"
-        met = complete and ratio >= 0.6 and rss.growth < _RSS_LIMIT
+        met = complete and ratio >= floor and rss.growth < _RSS_LIMIT
         numbers = {**_mb(proxied), "ratio": ratio, "rss_growth_mb": rss.growth / 2**20}
-        rows.append(
-            Row(scenario, "proxy (redis)", ">= 0.6 x direct MB/s; RSS growth < 64 MB", measured, met, numbers)
-        )
+        target = f">= {floor} x direct MB/s; RSS growth < 64 MB"
+        rows.append(Row(scenario, "proxy (redis)", target, measured, met, numbers))
     return rows
 
 
@@ -222,6 +244,7 @@ SCENARIOS: dict[str, Scenario] = {
     "metadata-hit": Scenario(metadata_hit, ("wrk", "nginx")),
     "list-hit": Scenario(list_hit, ("wrk",)),
     "miss": Scenario(miss, ("wrk",)),
+    "miss-tls": Scenario(miss_tls, ("wrk",)),
     "single-flight": Scenario(single_flight, ()),
     "zipf-mix": Scenario(zipf_mix, ("wrk",)),
     "transfer": Scenario(transfer, ()),
@@ -246,6 +269,25 @@ def _load(
         options["key"] = ctx.keys.upstream_key
     _wrk(ctx, service, connections, ctx.options.warmup_s, options)
     return _wrk(ctx, service, connections, ctx.options.duration_s, options)
+
+
+def _misses(
+    ctx: Context, upstream: Service, proxy: Service, ids_file: Path, connections: int
+) -> tuple[LoadResult, LoadResult]:
+    """The same misses straight to the upstream, then through the proxy: each connection walks its
+    own run of `ids_file`, with `Cache-Control: no-cache`."""
+    options = {"mode": "cycle", "ids": str(ids_file), "nocache": "1"}
+    direct = _load(ctx, upstream, None, connections=connections, direct=True, extra=options)
+    return direct, _load(ctx, proxy, None, connections=connections, extra=options)
+
+
+def _over_direct(proxied: LoadResult, direct: LoadResult) -> str:
+    added_p50, added_p99 = proxied.p50_ms - direct.p50_ms, proxied.p99_ms - direct.p99_ms
+    return f"p50 {added_p50:+.2f} ms, p99 {added_p99:+.2f} ms over direct"
+
+
+def _cpu_met(result: LoadResult) -> bool:
+    return result.server_cpu_us is not None and result.server_cpu_us <= _MISS_CPU_US
 
 
 def _wrk(

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -43,6 +44,16 @@ class Service:
     pid: int
 
 
+@dataclass(frozen=True)
+class TlsSimulator:
+    """The simulator over HTTPS (`bench/tls.py`): `service.url` is what the proxy and wrk use,
+    `control_url` the same simulator over plain HTTP for seeding, `ca_file` the CA to trust."""
+
+    service: Service
+    control_url: str
+    ca_file: Path
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -71,6 +82,25 @@ class Services:
         command = [_files_proxy(), "simulate", "--port", str(port), "--latency-ms", str(latency_ms)]
         return self._spawn("simulator", command, port, ready=lambda url: _answers(f"{url}/_simulator/health"))
 
+    def tls_simulator(self) -> TlsSimulator:
+        """The simulator as production's upstream is reached, over TLS, with a CA made for the run."""
+        port, control_port = free_port(), free_port()
+        ca_file = self.workdir / "tls" / "ca.pem"
+        control_url = f"http://127.0.0.1:{control_port}"
+        ports = ["--port", str(port), "--control-port", str(control_port)]
+        command = [sys.executable, "-m", "bench.tls", *ports, "--ca-file", str(ca_file)]
+
+        def ready(url: str) -> bool:
+            # The control listener answers only once the CA is written, so it is read whole.
+            return _answers(f"{control_url}/_simulator/health") and _answers(
+                f"{url}/_simulator/health", verify=ssl.create_default_context(cafile=ca_file)
+            )
+
+        service = self._spawn(
+            "simulator-tls", command, port, cwd=_BENCH_DIR.parent, scheme="https", ready=ready
+        )
+        return TlsSimulator(service, control_url, ca_file)
+
     def redis(self) -> Service:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -80,12 +110,15 @@ class Services:
         service = self._spawn("redis", command, port, cwd=self.workdir, ready=lambda url: _redis_pong(port))
         return Service("redis", f"redis://127.0.0.1:{port}/0", port, service.pid)
 
-    def proxy(self, name: str, upstream_url: str, cache_url: str, keys: Keys) -> Service:
+    def proxy(
+        self, name: str, upstream_url: str, cache_url: str, keys: Keys, *, ca_file: Path | None = None
+    ) -> Service:
         """`files-proxy serve` with a generated config; its access lines go to a file, as a real
-        deployment writes them somewhere (logging stays on: it is part of the cost)."""
+        deployment writes them somewhere (logging stays on: it is part of the cost). `ca_file`: the
+        private CA an HTTPS upstream's certificate is verified against (`upstream.ca_file`)."""
         port = free_port()
         config = self.workdir / f"{name}.toml"
-        config.write_text(_proxy_config(upstream_url, cache_url, keys))
+        config.write_text(_proxy_config(upstream_url, cache_url, keys, ca_file))
         command = [_files_proxy(), "serve", "--config", str(config), "--port", str(port)]
         env = {**os.environ, _UPSTREAM_KEY_ENV: keys.upstream_key}
         log = self.workdir / f"{name}.access.log"
@@ -132,6 +165,7 @@ class Services:
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
         stdout: Path | None = None,
+        scheme: str = "http",
     ) -> Service:
         stderr_path = self.workdir / f"{name}.stderr"
         with contextlib.ExitStack() as files:
@@ -143,7 +177,7 @@ class Services:
                 command, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True
             )
         self._stack.callback(_stop, process)
-        url = f"http://127.0.0.1:{port}"
+        url = f"{scheme}://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
         while not ready(url):
             if process.poll() is not None or time.monotonic() > deadline:
@@ -177,10 +211,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def _proxy_config(upstream_url: str, cache_url: str, keys: Keys) -> str:
+def _proxy_config(upstream_url: str, cache_url: str, keys: Keys, ca_file: Path | None) -> str:
     # 500 MB is the Files API's limit for the file itself; the multipart envelope adds a little.
+    ca = "" if ca_file is None else f'ca_file = "{ca_file}"\n'
     return (
-        f'[upstream]\nbase_url = "{upstream_url}"\n\n'
+        f'[upstream]\nbase_url = "{upstream_url}"\n{ca}\n'
         f'[cache]\nurl = "{cache_url}"\n\n'
         "[limits]\nmax_upload_bytes = 600000000\n\n"
         f'[[tenants]]\nname = "bench"\nworkspace = "bench"\napi_key_env = "{_UPSTREAM_KEY_ENV}"\n'
@@ -194,9 +229,9 @@ def _files_proxy() -> str:
     return str(script) if script.exists() else "files-proxy"
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, *, verify: ssl.SSLContext | bool = True) -> bool:
     try:
-        return httpx.get(url, timeout=1).status_code == 200
+        return httpx.get(url, timeout=1, verify=verify).status_code == 200
     except httpx.TransportError:
         return False
 

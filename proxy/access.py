@@ -52,6 +52,8 @@ class RequestRecord:
     cache: str
     bytes_in: int
     bytes_out: int
+    # An upload answered 200: the file's size as the answer gives it (bytes_in counts the multipart body).
+    upload_size_bytes: int | None
     duration_ms: float
     upstream_ms: float | None
     user_agent: str | None
@@ -145,6 +147,7 @@ def _record(
         cache=cache_result(response["cache_status"]),
         bytes_in=sizes["in"],
         bytes_out=sizes["out"],
+        upload_size_bytes=state.get("upload_size_bytes"),
         duration_ms=round((time.perf_counter() - started) * 1000, 3),
         upstream_ms=state.get("upstream_ms"),
         user_agent=_client_value(headers.get(b"user-agent")),

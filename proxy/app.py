@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
 
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -27,13 +26,14 @@ from proxy.handler import FilesHandler
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.ratelimit import RateLimiter
 from proxy.store import RedisStore, open_store
+from proxy.ui import UI_PATHS, UsagePage
 from proxy.upstream import UpstreamClient
 from proxy.usage import UsageCounter, read_usage, usage_report
 
 logger = logging.getLogger(__name__)
 
 
-_CONTROL_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/admin/usage", "/admin/reload"})
+_CONTROL_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/admin/usage", "/admin/reload"}) | UI_PATHS
 
 
 class ProxyApp:
@@ -51,18 +51,20 @@ def create_app(
     settings: Settings,
     *,
     load_settings: Callable[[], Settings] | None = None,
-    upstream_transport: httpx.AsyncBaseTransport | None = None,
     store: RedisStore | None = None,
     clock: Callable[[], float] = time.time,
     access_lines_dropped: Callable[[], int] = lambda: 0,
 ) -> ProxyApp:
-    """The proxy app for these settings; `load_settings` re-reads them on reload; `upstream_transport` and
-    `store` replace the configured ones (tests, bench); `access_lines_dropped` reads the access log's
+    """The proxy app for these settings; `load_settings` re-reads them on reload; `store` replaces the
+    configured one (tests, bench); `access_lines_dropped` reads the access log's
     count of lines it could not write, for metrics."""
-    upstream = UpstreamClient(settings.upstream, transport=upstream_transport)
+    upstream = UpstreamClient(settings.upstream)
     cache_config = settings.cache
     store = store or open_store(
-        cache_config.url, max_connections=cache_config.max_connections, timeout_s=cache_config.timeout_s
+        cache_config.url,
+        max_connections=cache_config.max_connections,
+        timeout_s=cache_config.timeout_s,
+        memory_max_bytes=cache_config.memory_max_bytes,
     )
     cache = ResponseCache(
         CachePolicy(cache_config),
@@ -76,7 +78,7 @@ def create_app(
         cache_available=lambda: not store.breaker.is_open, access_lines_dropped=access_lines_dropped
     )
     store.on_call = lambda outcome: metrics.cache_operations.labels(outcome).inc()
-    usage = UsageCounter(store)
+    usage = UsageCounter(store, retention_days=settings.usage.retention_days)
 
     async def readyz(request: Request) -> Response:
         """Ready once started; the cache state is reported, never a reason to be unready."""
@@ -124,14 +126,18 @@ def create_app(
         rows = await read_usage(store, since, until, request.query_params.get("workspace"))
         return JSONResponse(usage_report(since, until, rows))
 
+    ui = UsagePage(lambda: current, store, usage, handler, clock=clock)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         def flushed(ok: bool) -> None:
             metrics.usage_flushes.labels("ok" if ok else "error").inc()
 
+        await upstream.open()
         # Connect (and, for a Cluster, learn its slots) before the first request, not under load.
         if not await store.ping():
             logger.warning("cache store unavailable at startup; serving without cache until it answers")
+        await store.start()
         flusher = asyncio.create_task(usage.run(settings.usage.flush_interval_s, flushed))
         try:
             yield
@@ -149,6 +155,7 @@ def create_app(
             Route("/metrics", metrics_endpoint, methods=["GET"]),
             Route("/admin/usage", admin_usage, methods=["GET"]),
             Route("/admin/reload", admin_reload, methods=["POST"]),
+            *ui.routes(),
             # Another method on these paths: the Files handler answers 404 in the envelope.
             Mount("", app=files),
         ],

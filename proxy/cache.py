@@ -5,14 +5,22 @@ that `caching.py` sends in one pipeline. So every rule below is testable with pl
 
 Keys (the `{scope}` hash tag keeps one scope in one Redis Cluster slot):
 
-    fp:{S}:gen                      generation, bumped by every upload or delete through the proxy
+    fp:{S}:gen                      generation, moved on by every upload or delete through the proxy
     fp:{S}:list:<variant>:<query>   a list page; its entry records the generation it was fetched at
+    fp:{S}:pages                    sorted set: the scope's list page keys by the time they were stored
     fp:{S}:file:<file_id>           hash: variant -> metadata entry (positive or 404), "~deleted"
 
 S is the tenant's cache scope (a hash of its upstream key) plus a hash of `anthropic-workspace-id`.
 The variant hashes `anthropic-version` and the normalised `anthropic-beta` set, which change shapes.
 A list hit is one MGET of the generation and the page; a metadata hit is one HMGET of the variant
 and the tombstone. A page whose generation is not current is unreachable at once.
+
+Every key has a TTL, so a Redis under `volatile-lru` (and the embedded store's byte cap) may evict
+any of them, and only them. Generations therefore move by random steps and start at a random value:
+a generation key evicted and recreated never meets a page stored under its old values, and while it
+is missing no page is served. A scope keeps at most `max_list_pages_per_scope` pages (the oldest
+stored go first), so one team's distinct queries cannot push the others' entries out; a query with
+a parameter the list does not have, or a parameter given twice, is not cached at all.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from proxy.config import CacheConfig
@@ -36,6 +46,12 @@ GENERATION_TTL_S = 7 * 86400
 # Response headers worth replaying on a hit; the rest describe one connection.
 _REPLAYED = frozenset({"content-type", "request-id", "anthropic-organization-id", "anthropic-workspace-id"})
 _UPSTREAM_FAILURES = frozenset({500, 502, 503, 504, 529})
+# The list's parameters in both API generations (FILES_API.md); only `ids[]` may repeat, in order.
+_LIST_PARAMETERS = frozenset({"limit", "after_id", "before_id", "page", "scope_id", "beta"})
+_IDS = "ids[]"
+_MAX_IDS = 100
+# Memos keyed by client bytes remember only keys this short, so they hold a fixed total size.
+_MEMO_MAX_KEY_BYTES = 256
 
 
 class Freshness(Enum):
@@ -97,6 +113,7 @@ class Put:
     key: str
     value: bytes
     ttl_s: int
+    only_if_absent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +126,7 @@ class Expire:
 @dataclass(frozen=True, slots=True)
 class Bump:
     key: str
+    amount: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +141,19 @@ class HashIncrement:
     amount: int
 
 
-Write = HashSet | Put | Expire | Bump | Delete | HashIncrement
+@dataclass(frozen=True, slots=True)
+class CappedAdd:
+    """Add `member`, itself a key, to the sorted set `key`; members ranked below the `cap` highest
+    scores are removed, and so are the keys they name."""
+
+    key: str
+    member: str
+    score: float
+    cap: int
+    ttl_s: int
+
+
+Write = HashSet | Put | Expire | Bump | Delete | HashIncrement | CappedAdd
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +164,16 @@ class CacheTarget:
     scope: str
     variant: str
     key: str
+    # False for a list query the cache cannot normalise: forwarded, never looked up nor stored.
+    cacheable: bool = True
 
     @property
     def generation_key(self) -> str:
         return f"fp:{{{self.scope}}}:gen"
+
+    @property
+    def page_index_key(self) -> str:
+        return f"fp:{{{self.scope}}}:pages"
 
 
 def target_for(
@@ -153,7 +189,10 @@ def target_for(
     scope = tenant_scope if workspace_id is None else f"{tenant_scope}.{_short_hash(workspace_id)}"
     variant = _variant(anthropic_version, tuple(anthropic_betas))
     if operation is Operation.LIST:
-        key = f"fp:{{{scope}}}:list:{variant}:{_query_hash(query)}"
+        query_hash = _query_hash(query)
+        if query_hash is None:
+            return CacheTarget(operation=operation, scope=scope, variant=variant, key="", cacheable=False)
+        key = f"fp:{{{scope}}}:list:{variant}:{query_hash}"
     elif file_id is not None:
         key = f"fp:{{{scope}}}:file:{file_id}"
     else:
@@ -161,28 +200,53 @@ def target_for(
     return CacheTarget(operation=operation, scope=scope, variant=variant, key=key)
 
 
-@functools.lru_cache(maxsize=256)
 def _variant(anthropic_version: str | None, anthropic_betas: tuple[str, ...]) -> str:
-    """The hash of the headers that change an answer's shape (few distinct values: remembered)."""
+    """The hash of the headers that change an answer's shape. Their few usual values are remembered;
+    longer ones, which only a careless or hostile client sends, are hashed each time."""
+    size = len(anthropic_version or "") + sum(map(len, anthropic_betas))
+    if size <= _MEMO_MAX_KEY_BYTES:
+        return _remembered_variant(anthropic_version, anthropic_betas)
+    return _variant_hash(anthropic_version, anthropic_betas)
+
+
+def _variant_hash(anthropic_version: str | None, anthropic_betas: tuple[str, ...]) -> str:
     betas = sorted({beta.strip() for value in anthropic_betas for beta in value.split(",") if beta.strip()})
     return _short_hash(f"{anthropic_version or ''}|{','.join(betas)}")
 
 
-@functools.lru_cache(maxsize=4096)
-def _query_hash(query: bytes) -> str:
-    """Remembered: clients page with the same few query strings again and again (about a tenth of a
-    list-page hit)."""
-    return _short_hash(normalise_query(query))
+_remembered_variant = functools.lru_cache(maxsize=256)(_variant_hash)
 
 
-def normalise_query(query: bytes) -> str:
-    """The query string with its names in order; a repeated name keeps its values in their order.
+def _query_hash(query: bytes) -> str | None:
+    """The hash of the normalised query, or None. Short queries are remembered: clients page with the
+    same few query strings again and again (about a tenth of a list-page hit)."""
+    if len(query) <= _MEMO_MAX_KEY_BYTES:
+        return _remembered_query_hash(query)
+    return _normalised_query_hash(query)
 
-    Only the order of different names is free: a server may read the first or the last of repeated
-    values, so `limit=1&limit=2` and `limit=2&limit=1` are different requests. Escapes decode as
-    latin-1, so that two different bytes never become one character (UTF-8 would make both U+FFFD).
+
+def _normalised_query_hash(query: bytes) -> str | None:
+    normalised = normalise_query(query)
+    return None if normalised is None else _short_hash(normalised)
+
+
+_remembered_query_hash = functools.lru_cache(maxsize=4096)(_normalised_query_hash)
+
+
+def normalise_query(query: bytes) -> str | None:
+    """The query string with its names in order, or None when the cache cannot tell which answer it
+    asks for: a name the Files list does not have, or a name given twice.
+
+    A server may read the first or the last of repeated values, so only `ids[]`, a list by nature,
+    may repeat (up to 100 values, kept in their order). Escapes decode as latin-1, so that two
+    different bytes never become one character (UTF-8 would make both U+FFFD).
     """
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    names = [name for name, _ in pairs if name != _IDS]
+    if len(set(names)) != len(names) or not _LIST_PARAMETERS.issuperset(names):
+        return None
+    if len(pairs) - len(names) > _MAX_IDS:
+        return None
     return urlencode(sorted(pairs, key=lambda pair: pair[0]))
 
 
@@ -196,23 +260,48 @@ def replayed_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str
 
 
 class CachePolicy:
-    """Lifetimes from config, and the writes that store or invalidate answers."""
+    """Lifetimes and caps from config, and the writes that store or invalidate answers."""
 
-    def __init__(self, config: CacheConfig) -> None:
+    def __init__(self, config: CacheConfig, random_step: Callable[[], int] | None = None) -> None:
         self._config = config
+        self._random_step = random_step or _random_step
 
     def page_entry(self, reply: Entry, generation: int) -> Entry:
         fresh_until = reply.stored_at + self._config.list_ttl_s
         return _with_lifetime(reply, fresh_until, fresh_until + self._config.stale_if_error_s, generation)
 
-    def writes_for_answer(self, target: CacheTarget, answer: Entry, generation: int) -> list[Write]:
-        """What to store for a fetched list or metadata answer; nothing for an uncacheable one."""
+    def writes_for_answer(self, target: CacheTarget, answer: Entry, generation: int | None) -> list[Write]:
+        """What to store for a fetched list or metadata answer; nothing for an uncacheable one.
+
+        `generation` is the scope's list generation read before the fetch; None when it had none
+        (never set, or evicted): the page then starts a new one, unless another request did first.
+        A 200 whose body is not the JSON it should be is an upstream fault: passed through, not stored.
+        """
+        if _forbids_storing(answer.headers):
+            return []
         if target.operation is Operation.LIST and answer.status == 200:
-            page = self.page_entry(answer, generation)
             ttl = self._config.list_ttl_s + self._config.stale_if_error_s
-            files = self.writes_for_files(target, _listed_files(answer.body), answer)
-            return [Put(target.key, page.pack(), ttl), *files] if ttl > 0 else files
+            listed = _listed_files(answer.body)
+            if listed is None:
+                return []
+            files = self.writes_for_files(target, listed, answer)
+            if ttl <= 0:
+                return files
+            writes: list[Write] = []
+            if generation is None:
+                generation = self._random_step()
+                start = Put(target.generation_key, b"%d" % generation, GENERATION_TTL_S, only_if_absent=True)
+                writes.append(start)
+            page = self.page_entry(answer, generation)
+            cap = self._config.max_list_pages_per_scope
+            writes += [
+                Put(target.key, page.pack(), ttl),
+                CappedAdd(target.page_index_key, target.key, answer.stored_at, cap, ttl),
+            ]
+            return writes + files
         if target.operation is Operation.METADATA and answer.status == 200:
+            if _file_id(answer.body) is None:
+                return []
             return self._file_writes(target.key, target.variant, answer, self._config.metadata_ttl_s)
         if target.operation is Operation.METADATA and answer.status == 404:
             return self._file_writes(target.key, target.variant, answer, self._config.negative_ttl_s)
@@ -221,16 +310,21 @@ class CachePolicy:
     def writes_for_files(self, target: CacheTarget, files: Sequence[bytes], source: Entry) -> list[Write]:
         """Metadata entries for file objects seen in a list page or an upload answer."""
         writes: list[Write] = []
+        if _forbids_storing(source.headers):
+            return writes
         for body in files:
-            file_id = json.loads(body).get("id")
-            if isinstance(file_id, str):
+            file_id = _file_id(body)
+            if file_id is not None:
                 key = f"fp:{{{target.scope}}}:file:{file_id}"
                 item = Entry(200, source.headers, body, source.stored_at, 0.0, 0.0)
                 writes += self._file_writes(key, target.variant, item, self._config.metadata_ttl_s)
         return writes
 
     def writes_after_upload(self, target: CacheTarget, answer: Entry) -> list[Write]:
-        writes: list[Write] = [Bump(target.generation_key), Expire(target.generation_key, GENERATION_TTL_S)]
+        writes: list[Write] = [
+            Bump(target.generation_key, self._random_step()),
+            Expire(target.generation_key, GENERATION_TTL_S),
+        ]
         if answer.status == 200:
             writes += self.writes_for_files(target, [answer.body], answer)
         return writes
@@ -241,7 +335,7 @@ class CachePolicy:
             Delete(target.key),
             HashSet(target.key, TOMBSTONE, b"1"),
             Expire(target.key, TOMBSTONE_TTL_S),
-            Bump(target.generation_key),
+            Bump(target.generation_key, self._random_step()),
             Expire(target.generation_key, GENERATION_TTL_S),
         ]
 
@@ -265,11 +359,43 @@ def _with_lifetime(entry: Entry, fresh_until: float, stale_until: float, generat
     )
 
 
-def _listed_files(body: bytes) -> list[bytes]:
-    data = json.loads(body).get("data")
-    if not isinstance(data, list):
-        return []
-    return [json.dumps(item, separators=(",", ":")).encode() for item in data if isinstance(item, dict)]
+def _listed_files(body: bytes) -> list[bytes] | None:
+    """A list page's file objects, or None when the body is no list page of file objects with ids."""
+    data = _json_object(body).get("data")
+    if not isinstance(data, list) or not all(isinstance(item, dict) and "id" in item for item in data):
+        return None
+    return [json.dumps(item, separators=(",", ":")).encode() for item in data]
+
+
+def _file_id(body: bytes) -> str | None:
+    file_id = _json_object(body).get("id")
+    return file_id if isinstance(file_id, str) else None
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; empty when it is not one (an upstream fault, never a proxy 500)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _forbids_storing(headers: Iterable[tuple[str, str]]) -> bool:
+    """`Cache-Control: no-store` or `private`: a shared cache never stores the answer (RFC 9111
+    sections 5.2.2.5 and 5.2.2.7)."""
+    return any(
+        directive.split("=", 1)[0].strip().lower() in ("no-store", "private")
+        for name, value in headers
+        if name == "cache-control"
+        for directive in value.split(",")
+    )
+
+
+def _random_step() -> int:
+    """A generation's start or step: random, so a recreated generation key never meets its old
+    values; below 2**32, so a 64-bit counter takes billions of steps to overflow."""
+    return random.randrange(1, 2**32)
 
 
 def _short_hash(text: str) -> str:
@@ -295,3 +421,4 @@ def stale_status(upstream_status: int | None) -> str:
 
 METHOD_STATUS = forward_status("method")
 BYPASS_STATUS = "files-proxy; fwd=bypass; detail=cache-unavailable"
+UNCACHEABLE_STATUS = "files-proxy; fwd=bypass; detail=uncacheable-query"

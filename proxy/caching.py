@@ -6,6 +6,7 @@ its freshness stands in for an upstream failure while within `stale_if_error_s`.
 down turns every read into a miss; invalidations it could not take are kept and written first
 when it returns, so a delete is never forgotten. Hits are copied for `local_ttl_s` into this
 process's memory (`local_cache.py`), which bounds how late another replica's delete is seen.
+A list query the policy cannot normalise is forwarded without looking anything up or storing it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from proxy.cache import (
     BYPASS_STATUS,
     TOMBSTONE,
+    UNCACHEABLE_STATUS,
     CachePolicy,
     CacheTarget,
     Entry,
@@ -74,12 +76,14 @@ class ResponseCache:
 
     async def read(self, target: CacheTarget, fetch: Fetch, *, no_cache: bool) -> Answer:
         """The answer to a list or metadata request: a hit, a collapsed or own fetch, or stale."""
+        if not target.cacheable:
+            return Answer(await fetch(), UNCACHEABLE_STATUS)
         try:
             await self._flush_pending()
             stored, generation = await self._lookup(target)
             available = True
         except CacheUnavailableError:
-            stored, generation, available = None, 0, False
+            stored, generation, available = None, None, False
         usable = None if no_cache else stored
         now = self.clock()
         freshness = usable.freshness(now) if usable is not None else Freshness.UNUSABLE
@@ -137,8 +141,9 @@ class ResponseCache:
             raise
         logger.info("wrote %d cache invalidations held while the store was away", len(batch))
 
-    async def _lookup(self, target: CacheTarget) -> tuple[Entry | None, int]:
-        """The stored entry if it is still valid, and the scope's current list generation."""
+    async def _lookup(self, target: CacheTarget) -> tuple[Entry | None, int | None]:
+        """The stored entry if it is still valid, and the scope's current list generation (None for
+        metadata, or when the scope has none)."""
         copied = self._local.get(target.scope, target.key, target.variant)
         if copied is not None:
             return copied
@@ -148,17 +153,19 @@ class ResponseCache:
             self._local.put(target.scope, target.key, target.variant, entry, generation, epoch)
         return entry, generation
 
-    async def _lookup_store(self, target: CacheTarget) -> tuple[Entry | None, int]:
+    async def _lookup_store(self, target: CacheTarget) -> tuple[Entry | None, int | None]:
         if target.operation is Operation.LIST:
             raw_generation, raw_page = await self.store.mget([target.generation_key, target.key])
-            generation = int(raw_generation or 0)
+            if raw_generation is None:
+                return None, None  # no page can be trusted until the scope has a generation again
+            generation = int(raw_generation)
             page = _unpack(raw_page)
             return (page if page is not None and page.generation == generation else None), generation
         raw_entry, tombstone = await self.store.hmget(target.key, [target.variant, TOMBSTONE])
         entry = _unpack(raw_entry)
         if entry is not None and entry.status == 200 and tombstone is not None:
-            return None, 0  # a fill that raced the file's deletion
-        return entry, 0
+            return None, None  # a fill that raced the file's deletion
+        return entry, None
 
     async def _follow(self, leader: asyncio.Future[_Outcome], fetch: Fetch) -> Answer:
         try:
@@ -178,7 +185,7 @@ class ResponseCache:
         target: CacheTarget,
         fetch: Fetch,
         stale: Entry | None,
-        generation: int,
+        generation: int | None,
         available: bool,
         no_cache: bool,
     ) -> Answer:

@@ -1,9 +1,11 @@
-"""The `files-proxy` command: serve, check-config, hash-key, simulate, demo."""
+"""The `files-proxy` command: serve the proxy, check a config, hash a proxy key, read usage per
+team, and run the local Files API simulator alone (simulate) or with a proxy in front (demo)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import secrets
@@ -17,18 +19,20 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import HttpUrl
 from starlette.types import ASGIApp
 
-from proxy.access import start_access_log
+from proxy.access import access_logger, start_access_log
 from proxy.app import create_app
 from proxy.config import ConfigError, ServerConfig, Settings, Tenant, UpstreamConfig, hash_key, load_settings
-from proxy.server import bind_listener, listener_url, run_on_server_loop, run_servers
+from proxy.server import ListenError, bind_listener, listener_url, run_on_server_loop, run_servers
 from proxy.simulator import Simulator
 from proxy.store import open_store
 from proxy.usage import COUNTERS, UsageRow, read_usage, usage_report
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 _DEMO_SNIPPET = """\
     import anthropic
     client = anthropic.Anthropic(base_url="{url}", api_key="{key}")
-    print([f.filename for f in client.files.list()])"""
+    print([f.filename for f in client.files.list()])
+    print(len(client.files.download("{file_id}").read()), "bytes downloaded")"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,67 +46,108 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.command(args))
     except ConfigError as exc:
         print(f"files-proxy: config error: {exc}", file=sys.stderr)
-        return 2
+    except ListenError as exc:
+        print(f"files-proxy: {exc} (another --port, or stop what uses it)", file=sys.stderr)
+    return 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="files-proxy", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=_LOG_LEVELS, help="what is logged on stderr (default: info)"
+    )
+    # --log-level is also accepted after the command; there it has no default, so the one above stands.
+    after_command = argparse.ArgumentParser(add_help=False)
+    after_command.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=_LOG_LEVELS,
+        help="what is logged on stderr (default: info)",
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", required=True, type=Path)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", default=8080, type=int)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help,
+            description=help,
+            parents=[after_command],
+        )
+
+    serve = command("serve", "run the proxy; access lines go to stdout, everything else to stderr")
+    serve.add_argument("--config", required=True, type=Path, help="the TOML config file")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for every interface (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--port", default=8080, type=int, help="port to listen on, 0 for any free one (default: %(default)s)"
+    )
     serve.set_defaults(command=_serve)
 
-    check = commands.add_parser("check-config", help="validate a config file and its secrets, then exit")
-    check.add_argument("--config", required=True, type=Path)
+    check = command("check-config", "validate a config file and read its secrets, then exit")
+    check.add_argument("--config", required=True, type=Path, help="the TOML config file")
     check.set_defaults(command=_check_config)
 
-    hash_cmd = commands.add_parser("hash-key", help="print the sha256 of a proxy key, for client_key_sha256")
-    hash_cmd.add_argument("key", nargs="?", default="-", help="the key; omit or '-' to read it from stdin")
+    hash_cmd = command("hash-key", "print the sha256 of a proxy key, for client_key_sha256")
+    hash_cmd.add_argument("key", nargs="?", default="-", help="the key; '-' reads it from stdin (default: -)")
     hash_cmd.set_defaults(command=_hash_key)
 
-    simulate = commands.add_parser("simulate", help="run the local Files API simulator")
-    simulate.add_argument("--host", default="127.0.0.1")
-    simulate.add_argument("--port", default=8081, type=int)
-    simulate.add_argument("--latency-ms", default=0.0, type=float)
+    simulate = command("simulate", "run the local Files API simulator (any API key is its own workspace)")
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    simulate.add_argument(
+        "--port", default=8081, type=int, help="port to listen on, 0 for any free one (default: %(default)s)"
+    )
+    simulate.add_argument(
+        "--latency-ms", default=0.0, type=float, help="delay added to every answer (default: %(default)s)"
+    )
     simulate.set_defaults(command=_simulate)
 
-    usage = commands.add_parser("usage", help="print usage per workspace and tenant from the shared store")
-    usage.add_argument("--config", required=True, type=Path)
+    usage = command("usage", "print usage per workspace and tenant from the shared store")
+    usage.add_argument("--config", required=True, type=Path, help="the TOML config file (no secrets needed)")
     usage.add_argument(
-        "--since", type=date.fromisoformat, help="first UTC day, YYYY-MM-DD (default: 1st of month)"
+        "--since", type=date.fromisoformat, help="first UTC day, YYYY-MM-DD (default: the 1st of this month)"
     )
     usage.add_argument("--until", type=date.fromisoformat, help="last UTC day, YYYY-MM-DD (default: today)")
-    usage.add_argument("--workspace")
-    usage.add_argument("--json", action="store_true", help="print JSON, as GET /admin/usage does")
+    usage.add_argument("--workspace", help="only this workspace (default: every workspace)")
+    usage.add_argument(
+        "--json", action="store_true", help="print JSON, as GET /admin/usage does (default: a table)"
+    )
     usage.set_defaults(command=_usage)
 
-    demo = commands.add_parser("demo", help="run the simulator and a proxy in front of it, for a first try")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", default=8080, type=int)
+    demo = command("demo", "run the simulator and a proxy in front of it, for a first try")
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="address the proxy listens on (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--port",
+        default=8080,
+        type=int,
+        help="port the proxy listens on, 0 for any free one (default: %(default)s)",
+    )
     demo.set_defaults(command=_demo)
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    listener = bind_listener(args.host, args.port)
     access_log = start_access_log()
     app = create_app(
         settings,
         load_settings=lambda: load_settings(args.config),
         access_lines_dropped=lambda: access_log.dropped,
     )
+    print(
+        f"files-proxy: serving on {listener_url(listener)} ({len(settings.tenants)} tenants,"
+        f" cache {_without_password(settings.cache.url)}); access lines go to stdout",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         run_on_server_loop(
-            run_servers(
-                [(app, bind_listener(args.host, args.port))],
-                args.log_level,
-                settings.server,
-                on_hangup=app.reload,
-            )
+            run_servers([(app, listener)], args.log_level, settings.server, on_hangup=app.reload)
         )
     finally:
         access_log.stop()
@@ -113,6 +158,7 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     print(f"{args.config}: OK")
     print(f"  upstream: {settings.upstream.origin}")
+    print(f"  proxy:    {settings.upstream.proxy_shown()}")
     print(f"  cache:    {_without_password(settings.cache.url)}")
     for tenant in settings.tenants:
         keys = len(tenant.client_key_hashes)
@@ -152,7 +198,9 @@ def _demo(args: argparse.Namespace) -> int:
     proxy_key = "fp-demo-" + secrets.token_urlsafe(24)
     upstream_key = "sk-ant-demo-" + secrets.token_hex(16)
     simulator = Simulator()
-    simulator.add_file(upstream_key, filename="example-output.bin", size_bytes=4096, downloadable=True)
+    file_id = simulator.add_file(
+        upstream_key, filename="example-output.bin", size_bytes=4096, downloadable=True
+    )
     simulator_listener = bind_listener("127.0.0.1", 0)
     proxy_listener = bind_listener(args.host, args.port)
     tenant = Tenant(
@@ -164,21 +212,25 @@ def _demo(args: argparse.Namespace) -> int:
     upstream = UpstreamConfig(base_url=HttpUrl(listener_url(simulator_listener)))
     settings = Settings(tenants=(tenant,), upstream=upstream)
     url = listener_url(proxy_listener)
+    bin_dir = Path(sys.executable).parent
+    install = "" if importlib.util.find_spec("anthropic") else f"{bin_dir / 'pip'} install anthropic, then "
     print(
         f"files-proxy demo: a proxy in front of a local Files API simulator. Nothing is written to disk.\n"
         f"  base URL:  {url}\n"
         f"  proxy key: {proxy_key}\n"
-        f"Try it with the official SDK (pip install anthropic):\n"
-        f"{_DEMO_SNIPPET.format(url=url, key=proxy_key)}\n"
+        f"One file is there to list and download: example-output.bin ({file_id}).\n"
+        f"Try it with the official SDK ({install}paste this into {bin_dir / 'python'}):\n"
+        f"{_DEMO_SNIPPET.format(url=url, key=proxy_key, file_id=file_id)}\n"
         f"Ctrl-C stops it.",
         flush=True,
     )
+    if args.log_level != "debug":
+        access_logger.setLevel(logging.WARNING)  # a demo's terminal is for the banner, not access lines
     servers: list[tuple[ASGIApp, socket.socket]] = [
         (simulator.app, simulator_listener),
         (create_app(settings), proxy_listener),
     ]
-    log_level = "warning" if args.log_level == "info" else args.log_level
-    run_on_server_loop(run_servers(servers, log_level, settings.server))
+    run_on_server_loop(run_servers(servers, args.log_level, settings.server))
     return 0
 
 

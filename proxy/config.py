@@ -6,15 +6,18 @@ This is the only module that reads the environment or a secret file. Every probl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator, model_validator
 
 _SHA256_HEX = r"^[0-9a-fA-F]{64}$"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -30,6 +33,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True, slots=True)
+class EgressProxy:
+    """The HTTP proxy that upstream connections go through (CONNECT tunnels for https upstreams)."""
+
+    url: str
+    # `user:password` for Proxy-Authorization; never shown, never logged.
+    credentials: str | None = field(default=None, repr=False)
+
+    @property
+    def shown(self) -> str:
+        """The URL fit to print: the user name kept, the password masked."""
+        if self.credentials is None:
+            return self.url
+        user = self.credentials.partition(":")[0]
+        parts = urlsplit(self.url)
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{parts.netloc}"))
+
+
 class UpstreamConfig(_Section):
     base_url: HttpUrl = HttpUrl("https://api.anthropic.com")
     connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
@@ -37,12 +58,125 @@ class UpstreamConfig(_Section):
     write_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     pool_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     max_connections: Annotated[int, Field(ge=1)] = 100
+    # Accepted so that existing files load; aiohttp keeps idle connections (up to max_connections)
+    # for 15 s and has no separate count of them.
     max_keepalive_connections: Annotated[int, Field(ge=0)] = 20
+    # TOML has no null: an empty string leaves a key unset.
+    # A PEM bundle trusted besides the system store, for a private CA (a TLS-inspecting egress).
+    ca_file: str = ""
+    # `http://host:port`, no credentials: those come from proxy_auth_env or proxy_auth_file only.
+    proxy_url: str = ""
+    proxy_auth_env: Annotated[str, Field(pattern=f"^$|{_ENV_NAME}")] = ""
+    proxy_auth_file: str = ""
+    # Take the proxy from HTTPS_PROXY / HTTP_PROXY and NO_PROXY (when proxy_url is not set).
+    trust_env: bool = False
 
     @property
     def origin(self) -> str:
         """The base URL without a trailing slash, for joining with request paths."""
         return str(self.base_url).rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_proxy(self) -> UpstreamConfig:
+        # Checked on the whole section, so that pydantic's message never echoes a URL with a password.
+        if self.proxy_url:
+            _plain_proxy_url(self.proxy_url, "proxy_url")
+        if self.proxy_auth_env and self.proxy_auth_file:
+            raise ValueError("set at most one of proxy_auth_env or proxy_auth_file")
+        if self.proxy_auth_file and not Path(self.proxy_auth_file).is_absolute():
+            raise ValueError("proxy_auth_file must be an absolute path")
+        if (self.proxy_auth_env or self.proxy_auth_file) and not (self.proxy_url or self.trust_env):
+            raise ValueError("proxy_auth_env and proxy_auth_file need proxy_url or trust_env")
+        return self
+
+    def egress_proxy(self, environ: Mapping[str, str] = os.environ) -> EgressProxy | None:
+        """The proxy for upstream connections with its credentials read; None: connect directly."""
+        if self.proxy_url:
+            url, credentials = _plain_proxy_url(self.proxy_url, "proxy_url")
+        elif self.trust_env:
+            found = _proxy_from_environment(self.base_url, environ)
+            if found is None:
+                return None
+            url, credentials = found
+        else:
+            return None
+        return EgressProxy(url, self._proxy_credentials(environ) or credentials)
+
+    def proxy_shown(self, environ: Mapping[str, str] = os.environ) -> str:
+        """The egress proxy as `check-config` prints it, password masked."""
+        egress = self.egress_proxy(environ)
+        return "none (direct)" if egress is None else egress.shown
+
+    def _proxy_credentials(self, environ: Mapping[str, str]) -> str | None:
+        if self.proxy_auth_env:
+            credentials = environ.get(self.proxy_auth_env, "").strip()
+            where = f"environment variable {self.proxy_auth_env}"
+        elif self.proxy_auth_file:
+            try:
+                credentials = Path(self.proxy_auth_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"upstream.proxy_auth_file: cannot read {self.proxy_auth_file}") from exc
+            where = f"proxy_auth_file {self.proxy_auth_file}"
+        else:
+            return None
+        if ":" not in credentials:
+            raise ConfigError(f"upstream: {where} must hold user:password")
+        return credentials
+
+
+def _plain_proxy_url(url: str, where: str) -> tuple[str, str | None]:
+    """`http://host:port` and the `user:password` it carries; the message never shows the URL."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ValueError(f"{where}: expected http://host:port")
+    if parts.username is not None and where == "proxy_url":
+        raise ValueError(
+            "proxy_url: credentials are never read from the config file;"
+            " use proxy_auth_env or proxy_auth_file"
+        )
+    host = parts.netloc.rpartition("@")[2]
+    credentials = None
+    if parts.username is not None:
+        credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    return f"http://{host}", credentials
+
+
+def _proxy_from_environment(base_url: HttpUrl, environ: Mapping[str, str]) -> tuple[str, str | None] | None:
+    """The proxy that HTTPS_PROXY (HTTP_PROXY for an http base URL) names, unless NO_PROXY exempts
+    the upstream host; lower-case names first, as curl reads them."""
+    scheme = base_url.scheme
+    names = (f"{scheme}_proxy", f"{scheme.upper()}_PROXY")
+    name = next((name for name in names if environ.get(name, "").strip()), None)
+    if name is None:
+        return None
+    no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
+    if _exempt(base_url.host or "", base_url.port, no_proxy):
+        return None
+    try:
+        return _plain_proxy_url(environ[name].strip(), name)
+    except ValueError as exc:
+        raise ConfigError(f"upstream.trust_env: {exc}") from None
+
+
+def _exempt(host: str, port: int | None, no_proxy: str) -> bool:
+    """Whether NO_PROXY names the host: `*`, the host or a parent domain (with or without a leading
+    dot), optionally with `:port`, or an address block such as `10.0.0.0/8`."""
+    host = host.strip("[]").lower()
+    for entry in (part.strip().lower() for part in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        if "/" in entry:
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(host) in ipaddress.ip_network(entry, strict=False):
+                    return True
+            continue
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port != str(port):
+            continue
+        name = name.lstrip("*").lstrip(".")
+        if name and (host == name or host.endswith(f".{name}")):
+            return True
+    return False
 
 
 class CacheConfig(_Section):
@@ -57,12 +191,21 @@ class CacheConfig(_Section):
     local_ttl_s: Annotated[float, Field(ge=0, le=60)] = 1.0
     timeout_s: Annotated[float, Field(gt=0)] = 1.0
     max_connections: Annotated[int, Field(ge=1)] = 50
+    # The embedded store's cap: past it, cache entries go least recently used first (as Redis with
+    # maxmemory and volatile-lru); usage counters are never evicted.
+    memory_max_bytes: Annotated[int, Field(ge=1)] = 268_435_456
+    # List pages one scope keeps at most (the oldest stored go first), so that one team's distinct
+    # queries cannot push the other teams' entries out.
+    max_list_pages_per_scope: Annotated[int, Field(ge=1)] = 1000
 
 
 class LimitsConfig(_Section):
     max_upload_bytes: Annotated[int, Field(ge=1)] = 500_000_000
     # Longest wait for the next piece of an upload's body; then 408 and the upstream request is cut.
     client_body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # Longest wait for a downloading client to take the next piece; then the download is cut and its
+    # upstream connection released.
+    client_send_timeout_s: Annotated[float, Field(gt=0)] = 30.0
 
 
 class _TenantFile(_Section):
@@ -73,6 +216,7 @@ class _TenantFile(_Section):
     client_key_sha256: Annotated[list[Annotated[str, Field(pattern=_SHA256_HEX)]], Field(min_length=1)]
     rate_limit_per_minute: Annotated[int, Field(ge=1)] | None = None
     rate_limit_burst: Annotated[int, Field(ge=1)] | None = None
+    max_upstream_connections: Annotated[int, Field(ge=1)] | None = None
 
     @field_validator("client_key_sha256")
     @classmethod
@@ -99,10 +243,25 @@ class AdminConfig(_Section):
     # sha256 of the admin key for /admin/*; without it the admin endpoints always answer 401.
     key_sha256: Annotated[str, Field(pattern=_SHA256_HEX)] | None = None
 
+    @field_validator("key_sha256")
+    @classmethod
+    def _lowercase(cls, key_hash: str | None) -> str | None:
+        return None if key_hash is None else key_hash.lower()  # compared with hexdigest(), lower case
+
 
 class UsageConfig(_Section):
     # Usage counters are added up in process and written to the store this often (one round trip).
     flush_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    # Days of counters kept (today included); older days are deleted. Counters have no TTL, so no
+    # Redis eviction policy but allkeys-* can take them.
+    retention_days: Annotated[int, Field(ge=1)] = 400
+
+
+class UiConfig(_Section):
+    # The usage page's session cookie: sent only over HTTPS when true (set it when TLS ends in front
+    # of the proxy), and valid this long after sign-in.
+    secure_cookies: bool = False
+    session_ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 28800
 
 
 class _ConfigFile(_Section):
@@ -112,6 +271,7 @@ class _ConfigFile(_Section):
     server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
     usage: UsageConfig = UsageConfig()
+    ui: UiConfig = UiConfig()
     tenants: Annotated[list[_TenantFile], Field(min_length=1)]
 
 
@@ -132,6 +292,8 @@ class Tenant:
     client_key_hashes: frozenset[str]
     api_key: str = field(repr=False)
     rate_limit: RateLimit | None = None
+    # Upstream requests this team may have open at once; None: half of `upstream.max_connections`.
+    max_upstream_connections: int | None = None
     # Cache entries are scoped by the upstream key's hash, never by the key itself.
     cache_scope: str = field(init=False, repr=False, compare=False)
 
@@ -148,6 +310,7 @@ class Settings:
     server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
     usage: UsageConfig = UsageConfig()
+    ui: UiConfig = UiConfig()
 
 
 def hash_key(key: str) -> str:
@@ -187,6 +350,7 @@ def load_settings(
         server=parsed.server,
         admin=parsed.admin,
         usage=parsed.usage,
+        ui=parsed.ui,
     )
 
 
@@ -199,6 +363,9 @@ def _describe(exc: ValidationError) -> str:
         return f"{where}: unknown key"
     if error["type"] == "missing":
         return f"{where}: required key is missing"
+    if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] == _SHA256_HEX:
+        # Most likely the key itself, pasted where its hash belongs: say how to make the hash, never echo it.
+        return f"{where}: expected a sha256 hex digest (64 characters); make one with `files-proxy hash-key`"
     value: Any = error.get("input")
     # A value is echoed to help fix it, unless it may be a secret pasted into the wrong place.
     secretish = any(part in ("client_key_sha256", "api_key_env", "api_key_file") for part in error["loc"])
@@ -245,6 +412,7 @@ def _resolve_tenant(
         client_key_hashes=frozenset(tenant.client_key_sha256),
         api_key=api_key,
         rate_limit=rate_limit,
+        max_upstream_connections=tenant.max_upstream_connections,
     )
 
 

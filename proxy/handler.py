@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -12,7 +13,7 @@ from starlette.responses import Response
 from proxy.auth import CREDENTIAL_HEADERS, Authenticator, Caller
 from proxy.cache import METHOD_STATUS, Entry, target_for
 from proxy.caching import Answer, ResponseCache
-from proxy.config import Settings
+from proxy.config import Settings, Tenant
 from proxy.errors import InvalidRequestError, RequestTimeoutError, RequestTooLargeError
 from proxy.ratelimit import RateLimiter
 from proxy.responses import UpstreamStreamResponse, answer_response
@@ -26,6 +27,8 @@ _MAX_JSON_ANSWER = 32 * 1024 * 1024
 _VARIANT_HEADERS = ("anthropic-beta", "anthropic-version")
 _MAX_VARIANT_HEADER_BYTES = 1024
 _MAX_QUERY_BYTES = 8 * 1024
+# The usage page lists files in the GA shape (`limit`, `page`, `next_page`).
+_GA_VERSION = "2023-06-01"
 
 
 class FilesHandler:
@@ -42,6 +45,7 @@ class FilesHandler:
         self._authenticator = Authenticator(settings.tenants)
         self._max_upload_bytes = settings.limits.max_upload_bytes
         self._client_body_timeout_s = settings.limits.client_body_timeout_s
+        self._client_send_timeout_s = settings.limits.client_send_timeout_s
 
     async def handle(self, request: Request) -> Response:
         """Answer one request to any path; only the five Files routes ever reach upstream.
@@ -69,21 +73,27 @@ class FilesHandler:
             request.scope["query_string"],
         )
 
-        async def send(body: AsyncIterator[bytes] | None = None) -> UpstreamReply:
+        async def send(body: AsyncIterator[bytes] | None = None, *, stream: bool = False) -> UpstreamReply:
             headers = _upstream_headers(request, caller)
             started = time.perf_counter()
             try:
                 path, query = match.upstream_path, request.scope["query_string"]
-                return await self._upstream.send(operation.method, path, query, headers, body)
+                return await self._upstream.send(
+                    operation.method, path, query, headers, body, tenant=caller.tenant, stream=stream
+                )
             finally:
                 notes.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
 
         if operation is Operation.DOWNLOAD:
-            return UpstreamStreamResponse(await send(), extra_headers=[("cache-status", METHOD_STATUS)])
+            reply = await send(stream=True)
+            return UpstreamStreamResponse(
+                reply, [("cache-status", METHOD_STATUS)], self._client_send_timeout_s
+            )
         if operation is Operation.UPLOAD:
             body = self._upload_body(request)
             entry = await self._read_whole(lambda: send(body))
             if entry.status == 200:
+                notes.upload_size_bytes = _size_bytes(entry.body)
                 await self._cache.invalidate(target, self._cache.policy.writes_after_upload(target, entry))
             return answer_response(Answer(entry, METHOD_STATUS))
         if operation is Operation.DELETE:
@@ -94,6 +104,19 @@ class FilesHandler:
         no_cache = "no-cache" in (_first(headers, "cache-control") or "").lower()
         answer = await self._cache.read(target, lambda: self._read_whole(send), no_cache=no_cache)
         return answer_response(answer)
+
+    async def list_files(self, tenant: Tenant, query: bytes) -> Entry:
+        """One GA list page of a tenant's files for the usage page, answered through the cache (and the
+        tenant's rate limit) as the same request from an SDK would be."""
+        await self._rate_limiter.check(tenant)
+        headers = [("anthropic-version", _GA_VERSION), ("x-api-key", tenant.api_key)]
+        target = target_for(Operation.LIST, tenant.cache_scope, None, _GA_VERSION, (), None, query)
+
+        async def send() -> UpstreamReply:
+            return await self._upstream.send("GET", Operation.LIST.template, query, headers, tenant=tenant)
+
+        answer = await self._cache.read(target, lambda: self._read_whole(send), no_cache=False)
+        return answer.entry
 
     async def _read_whole(self, send: Callable[[], Awaitable[UpstreamReply]]) -> Entry:
         """Send, and read the small JSON answer whole (it may be cached or fill the cache)."""
@@ -156,6 +179,15 @@ def _check_key_inputs(headers: dict[str, list[str]], query: bytes) -> None:
             raise InvalidRequestError(f"{name}: longer than {_MAX_VARIANT_HEADER_BYTES} bytes.")
     if len(query) > _MAX_QUERY_BYTES:
         raise InvalidRequestError(f"Query string longer than {_MAX_QUERY_BYTES} bytes.")
+
+
+def _size_bytes(file_object: bytes) -> int | None:
+    """The `size_bytes` of an uploaded file's answer, if it is a well-formed file object."""
+    try:
+        size = json.loads(file_object).get("size_bytes")
+    except (ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
 
 
 def _first(headers: dict[str, list[str]], name: str) -> str | None:

@@ -22,7 +22,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class _Copy:
     entry: Entry
-    generation: int
+    generation: int | None
     expires_at: float
 
 
@@ -40,7 +40,7 @@ class LocalCache:
     def epoch(self, scope: str) -> int:
         return self._epochs.get(scope, 0)
 
-    def get(self, scope: str, key: str, variant: str) -> tuple[Entry, int] | None:
+    def get(self, scope: str, key: str, variant: str) -> tuple[Entry, int | None] | None:
         """The entry and list generation copied for this key, if the copy is still young enough."""
         copies = self._scopes.get(scope)
         copy = None if copies is None else copies.get((key, variant))
@@ -50,7 +50,9 @@ class LocalCache:
             return None
         return copy.entry, copy.generation
 
-    def put(self, scope: str, key: str, variant: str, entry: Entry, generation: int, epoch: int) -> None:
+    def put(
+        self, scope: str, key: str, variant: str, entry: Entry, generation: int | None, epoch: int
+    ) -> None:
         """Copy an entry read from the store at `epoch`, unless the scope was dropped since."""
         now = self._clock()
         expires_at = min(now + self._ttl_s, entry.fresh_until)

@@ -1,16 +1,19 @@
 """Responses: a cached or read-whole answer, and the one that streams an upstream body.
 
 Starlette skips background tasks when the client disconnects, so the upstream response is closed
-in a `finally` around the whole send instead: on completion, on disconnect and on upstream failure.
+in a `finally` around the whole send instead: on completion, on disconnect, on upstream failure, and
+when the client reads nothing for `limits.client_send_timeout_s` (the server's `send` waits while
+the connection's write buffer is full, so a client that stops reading stops the stream there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from proxy.caching import Answer
 from proxy.errors import UpstreamError
@@ -34,15 +37,38 @@ def _encoded(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
+class _ClientStalledError(Exception):
+    """The client took nothing of the body for the send timeout."""
+
+
 class UpstreamStreamResponse(StreamingResponse):
-    def __init__(self, reply: UpstreamReply, extra_headers: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, reply: UpstreamReply, extra_headers: list[tuple[str, str]], send_timeout_s: float
+    ) -> None:
         super().__init__(reply.iter_body(), status_code=reply.status_code)
         self.raw_headers = _encoded(reply.headers + extra_headers)
         self._reply = reply
+        self._send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        timeout_s = self._send_timeout_s
+
+        async def bounded_send(message: Message) -> None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await send(message)
+            except TimeoutError:
+                raise _ClientStalledError from None
+            # Once the client is gone the server's send returns at once, and aiohttp hands out what it
+            # has buffered without waiting: without this the loop would pull tens of MB more from
+            # upstream before Starlette's disconnect listener gets a turn to stop it.
+            await asyncio.sleep(0)
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, bounded_send)
+        except _ClientStalledError:
+            # Returning unfinished makes the server close the connection, as below.
+            logger.info("client read nothing for %g s; download cut, upstream closed", timeout_s)
         except ClientDisconnect:
             logger.info("client disconnected during the response; upstream closed")
         except UpstreamError as exc:

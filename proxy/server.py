@@ -43,6 +43,10 @@ _RESERVED_FDS = 256
 _REASONS = {408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
 
 
+class ListenError(Exception):
+    """The address cannot be listened on (in use, not this host's, a privileged port); one line."""
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with the header section bounded in bytes and in time."""
 
@@ -184,7 +188,9 @@ def server_config(app: Any, log_level: str, bounds: ServerConfig) -> uvicorn.Con
         http=partial(BoundedHttpToolsProtocol, bounds=bounds),  # type: ignore[arg-type]
         ws="none",
         log_config=None,
-        log_level=log_level,
+        # uvicorn's info lines (startup, "Uvicorn running on") come from a logger named `uvicorn.error`
+        # and read as errors; the CLI says where it listens itself, so they show at debug only.
+        log_level="warning" if log_level == "info" else log_level,
         server_header=False,
         access_log=False,
         timeout_keep_alive=bounds.keep_alive_s,  # type: ignore[arg-type]
@@ -256,7 +262,10 @@ def bind_listener(host: str, port: int) -> socket.socket:
     response on a kept-alive connection for ~40 ms.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, reuse_port=False)
+    try:
+        listener = socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return listener
 

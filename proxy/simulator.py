@@ -1,6 +1,6 @@
 """A local Anthropic Files API for tests, benchmarks, demos and offline development.
 
-It follows the upstream contract in FILES_API.md: the beta shapes when `anthropic-beta` carries
+It follows Anthropic's Files API as the official SDKs use it: the beta shapes when `anthropic-beta` carries
 `files-api-2025-04-14`, the GA shapes otherwise, Anthropic's error envelope and one workspace per key.
 Uploads are parsed and hashed as they stream in, and generated files are computed chunk by chunk, so a
 500 MB file costs neither memory nor disk. Faults and latency are injected from Python or over HTTP
@@ -123,6 +123,8 @@ class _Fault:
     method: str | None
     path_prefix: str
     times: int
+    body: bytes | None = None
+    headers: dict[str, str] | None = None
 
     def matches(self, method: str, path: str) -> bool:
         return self.method in (None, method) and path.startswith(self.path_prefix)
@@ -358,14 +360,30 @@ class Simulator:
         method: str | None = None,
         path_prefix: str = "/v1/files",
         times: int = 1,
+        body: str | bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Queue a fault for the next `times` matching /v1 requests (times=-1: until cleared).
-        reset_after_bytes only acts on downloads; on other requests the rest of the fault still does."""
+        reset_after_bytes only acts on downloads; on other requests the rest of the fault still does.
+
+        `body` and `headers` mangle an answer as a middlebox might: the request is still carried out
+        (an upload creates its file), then its answer's body is replaced (a streamed one is not) and
+        the headers are added; a `content-type` among them replaces the answer's own."""
         if times < 1 and times != -1:
             raise ValueError("times must be >= 1, or -1 for until cleared")
         if status is not None and not 400 <= status <= 599:
             raise ValueError("status must be an HTTP error status (400..599)")
-        fault = _Fault(status, delay_s, reset_after_bytes, method and method.upper(), path_prefix, times)
+        raw_body = body.encode() if isinstance(body, str) else body
+        fault = _Fault(
+            status,
+            delay_s,
+            reset_after_bytes,
+            method and method.upper(),
+            path_prefix,
+            times,
+            raw_body,
+            headers,
+        )
         with self._lock:
             self._faults.append(fault)
 
@@ -373,6 +391,12 @@ class Simulator:
         """Drop every queued fault."""
         with self._lock:
             self._faults.clear()
+
+    @property
+    def faults_left(self) -> int:
+        """How many faults are queued: one injected for N requests counts until all N came."""
+        with self._lock:
+            return len(self._faults)
 
     def content_of(self, file_id: str) -> Iterator[bytes]:
         """The generated content of a file, in the chunks a download sends."""
@@ -462,12 +486,16 @@ class Simulator:
             response.headers["request-id"] = request_id
         except _ApiError as exc:
             response = exc.response(request_id)
-        await body.drain()
-        headers = tuple(
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.scope["headers"]
-        )
-        query = request.scope["query_string"].decode("latin-1")
-        self.received.append(ReceivedRequest(request.method, path, query, headers, body.size))
+        if fault is not None:
+            response = _mangled(response, fault)
+        try:
+            await body.drain()
+        finally:  # a request whose client went away mid-body is logged too, with the bytes that came
+            headers = tuple(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.scope["headers"]
+            )
+            query = request.scope["query_string"].decode("latin-1")
+            self.received.append(ReceivedRequest(request.method, path, query, headers, body.size))
         if self.latency_ms > 0:
             await asyncio.sleep(self.latency_ms / 1000)
         return response
@@ -658,6 +686,18 @@ class Simulator:
             return _control_error(exc)
         self.latency_ms = float(latency)
         return JSONResponse({"ok": True})
+
+
+def _mangled(response: Response, fault: _Fault) -> Response:
+    """The answer with the fault's body and headers, all else (status, request-id) kept."""
+    if fault.body is not None and not isinstance(response, StreamingResponse):
+        kept = [(n, v) for n, v in response.raw_headers if n not in (b"content-length", b"content-type")]
+        mangled = Response(fault.body, status_code=response.status_code)
+        mangled.raw_headers.extend(kept)
+        response = mangled
+    for name, value in (fault.headers or {}).items():
+        response.headers[name] = value
+    return response
 
 
 def create_app(*, latency_ms: float = 0.0) -> Starlette:

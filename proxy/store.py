@@ -4,11 +4,16 @@ behind the same client class, so the embedded cache and real Redis share every l
 This is the only module that catches Redis errors. Each call has a short timeout, and a circuit
 breaker stops calling a store that keeps failing, so a dead Redis costs a request nothing but a
 skipped cache. Every failure becomes `CacheUnavailableError`, which callers treat as a miss.
+
+`memory://` is bounded as Redis is with `maxmemory` and `volatile-lru`: a `MemoryBudget` counts what
+the writes store and names least recently used cache entries to delete past `cache.memory_max_bytes`,
+and a sweep frees expired entries every second (fakeredis frees one only when a command meets it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,9 +27,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from proxy.cache import Bump, Delete, Expire, HashIncrement, HashSet, Put, Write
+from proxy.cache import Bump, CappedAdd, Delete, Expire, HashIncrement, HashSet, Put, Write
+from proxy.memory_budget import MemoryBudget
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_MAX_BYTES = 256 * 1024 * 1024
+_SWEEP_INTERVAL_S = 1.0
 
 
 class CacheUnavailableError(Exception):
@@ -76,9 +85,13 @@ class RedisStore:
         max_connections: int = 50,
         breaker: CircuitBreaker | None = None,
         also_close: Sequence[redis.Redis] = (),
+        budget: MemoryBudget | None = None,
     ) -> None:
         self._client = client
         self._also_close = also_close  # e.g. the Sentinel clients that find the master
+        self.budget = budget  # memory:// only: the byte cap Redis keeps itself
+        self._sweeper: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
         self._timeout_s = timeout_s
         # At most this many calls at once, each waiting within its timeout for a turn: a blocking
         # pool for every kind of store (redis-py's Cluster pool raises at once when exhausted).
@@ -89,10 +102,14 @@ class RedisStore:
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         values: list[bytes | None] = await self._call(lambda: self._client.mget(keys))
+        if self.budget is not None:
+            self.budget.used(keys)
         return values
 
     async def hmget(self, key: str, fields: Sequence[str]) -> list[bytes | None]:
         values: list[bytes | None] = await self._call(lambda: self._client.hmget(key, list(fields)))
+        if self.budget is not None:
+            self.budget.used((key,))
         return values
 
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
@@ -100,9 +117,49 @@ class RedisStore:
         return values
 
     async def write(self, writes: Sequence[Write]) -> None:
-        """Apply the writes in order, in one round trip (not atomic: each write is safe alone)."""
-        if writes:
-            await self._call(lambda: self._pipeline(writes).execute())
+        """Apply the writes in order, in one round trip (not atomic: each write is safe alone).
+
+        A second round trip only when there is something to drop: the pages a capped index pushed
+        out, or (memory://) the entries evicted to keep the byte cap.
+        """
+        if not writes:
+            return
+        pipe, overflow_replies = self._pipeline(writes)
+        replies = await self._call(pipe.execute)
+        overflow = {
+            write.key: [member.decode() for member in replies[at]]
+            for at, write in overflow_replies
+            if replies[at]
+        }
+        evicted = self.budget.wrote(writes) if self.budget is not None else []
+        if overflow or evicted:
+            # The writes are done; what this fails to drop still goes when its TTL ends.
+            with contextlib.suppress(CacheUnavailableError):
+                await self._drop(overflow, evicted)
+
+    async def start(self) -> None:
+        """Begin the store's upkeep: for memory://, the sweep of expired entries; for Redis, a warning
+        if its eviction policy may take usage counters (they have no TTL, as volatile-* expects)."""
+        if self.budget is not None:
+            if self._sweeper is None:
+                self._sweeper = asyncio.create_task(self._sweep_every(_SWEEP_INTERVAL_S))
+            return
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                config = await self._client.config_get("maxmemory-policy")
+        except (RedisError, OSError, TimeoutError):
+            return  # managed Redis services often refuse CONFIG: nothing to check then
+        policy = str(config.get("maxmemory-policy", ""))
+        if policy.startswith("allkeys-"):
+            logger.warning(
+                "Redis maxmemory-policy is %s: usage counters may be evicted; use volatile-lru", policy
+            )
+
+    async def sweep(self) -> None:
+        """Free the expired entries of memory:// (DBSIZE makes fakeredis drop them) and uncount them."""
+        if self.budget is not None:
+            self.budget.forget_expired()
+            await self._client.dbsize()
 
     def script(self, lua: str) -> Callable[[Sequence[str], Sequence[int | str]], Awaitable[Any]]:
         """A Lua script to run atomically in the store (EVALSHA, loaded on first use)."""
@@ -121,6 +178,9 @@ class RedisStore:
         return True
 
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._closing.set()
+            await self._sweeper
         if isinstance(self._client, RedisCluster):
             await self._client.aclose()
         else:
@@ -128,23 +188,57 @@ class RedisStore:
         for client in self._also_close:
             await client.aclose(close_connection_pool=True)
 
-    def _pipeline(self, writes: Sequence[Write]) -> redis.client.Pipeline | ClusterPipeline:
+    def _pipeline(
+        self, writes: Sequence[Write]
+    ) -> tuple[redis.client.Pipeline | ClusterPipeline, list[tuple[int, CappedAdd]]]:
+        """The writes as one pipeline, and where in its replies each capped index's overflow is."""
         pipe = self._client.pipeline(transaction=False)
+        overflow_replies: list[tuple[int, CappedAdd]] = []
         for write in writes:
             match write:
                 case HashSet(key, field, value):
                     pipe.hset(key, field, value)
-                case Put(key, value, ttl_s):
-                    pipe.set(key, value, ex=ttl_s)
+                case Put(key, value, ttl_s, only_if_absent):
+                    pipe.set(key, value, ex=ttl_s, nx=only_if_absent)
                 case Expire(key, ttl_s, only_if_unset):
                     pipe.expire(key, ttl_s, nx=only_if_unset)
-                case Bump(key):
-                    pipe.incr(key)
+                case Bump(key, amount):
+                    pipe.incrby(key, amount)
                 case Delete(key):
                     pipe.delete(key)
                 case HashIncrement(key, field, amount):
                     pipe.hincrby(key, field, amount)
-        return pipe
+                case CappedAdd(key, member, score, cap, ttl_s):
+                    pipe.zadd(key, {member: score})
+                    pipe.expire(key, ttl_s)
+                    pipe.zrange(key, 0, -cap - 1)  # the members past the cap, lowest scores first
+                    overflow_replies.append((len(pipe) - 1, write))
+        return pipe, overflow_replies
+
+    async def _drop(self, overflow: dict[str, list[str]], evicted: list[str]) -> None:
+        """Remove the pages capped indexes pushed out (with their index entries) and evicted keys.
+        One DEL per key: a Cluster pipeline routes each command by its key."""
+        pipe = self._client.pipeline(transaction=False)
+        for index, pages in overflow.items():
+            pipe.zrem(index, *pages)
+            for page in pages:
+                pipe.delete(page)
+        for key in evicted:
+            pipe.delete(key)
+        await self._call(pipe.execute)
+        if self.budget is not None:
+            for index, pages in overflow.items():
+                self.budget.removed_members(index, pages)
+                self.budget.deleted(pages)
+
+    async def _sweep_every(self, interval_s: float) -> None:
+        """Sweep until `aclose`. Stopped by an event, not cancelled: redis-py shields a command from
+        cancellation (redis/redis-py#2666), so a cancel arriving during one is lost, and so is the stop."""
+        while not self._closing.is_set():
+            try:
+                await asyncio.wait_for(self._closing.wait(), interval_s)
+            except TimeoutError:
+                await self.sweep()
 
     async def _call(self, operation: Callable[[], Any]) -> Any:
         """Run one store call under the breaker and the timeout, translating every failure."""
@@ -164,8 +258,14 @@ class RedisStore:
         return value
 
 
-def open_store(url: str, *, max_connections: int = 50, timeout_s: float = 1.0) -> RedisStore:
-    """A store for `cache.url`:
+def open_store(
+    url: str,
+    *,
+    max_connections: int = 50,
+    timeout_s: float = 1.0,
+    memory_max_bytes: int = DEFAULT_MEMORY_MAX_BYTES,
+) -> RedisStore:
+    """A store for `cache.url` (`memory_max_bytes` caps memory:// only):
 
     memory://                                          embedded, in this process
     redis://[:password@]host:6379/0, rediss://...      one Redis
@@ -174,7 +274,8 @@ def open_store(url: str, *, max_connections: int = 50, timeout_s: float = 1.0) -
     """
     if url == "memory://":
         client: Client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-        return RedisStore(client, timeout_s=timeout_s, max_connections=max_connections)
+        budget = MemoryBudget(memory_max_bytes)
+        return RedisStore(client, timeout_s=timeout_s, max_connections=max_connections, budget=budget)
     # Timeouts are the store's budget; retries are off because the breaker, not a backoff loop,
     # decides when to try again.
     options: dict[str, Any] = {

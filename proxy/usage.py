@@ -5,20 +5,25 @@ Requests only add to counters in process; a background task writes them to the s
 failed write keeps its counts for the next one, and every replica adds into the same hashes, so
 the totals are the sum across replicas. One hash per day: `fp:usage:{YYYY-MM-DD}`, fields
 `<workspace>|<tenant>|<counter>` (names cannot contain `|`).
+
+The day hashes have no TTL, so Redis under `volatile-lru` (and the embedded store's byte cap) never
+evicts them for cache traffic: they are trimmed instead. At the first flush and at each new UTC day,
+the flush also deletes the days just past `usage.retention_days`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from proxy.access import RequestRecord
-from proxy.cache import Expire, HashIncrement, Write
+from proxy.cache import Delete, HashIncrement, Write
 from proxy.store import CacheUnavailableError, RedisStore
 
 logger = logging.getLogger(__name__)
@@ -33,7 +38,8 @@ COUNTERS = (
     "cache_hits",
     "errors",
 )
-_KEEP_DAYS = 400
+# Days past retention deleted at each trim: a proxy stopped for longer leaves older days behind.
+_TRIM_WINDOW_DAYS = 31
 _UPLOAD, _DOWNLOAD, _ITEM = "/v1/files", "/v1/files/{file_id}/content", "/v1/files/{file_id}"
 
 
@@ -59,7 +65,7 @@ def counts_for(record: RequestRecord) -> dict[str, int]:
     ok = record.status == 200
     counts = {"requests": 1, "errors": int(record.status >= 400), "cache_hits": int(record.cache == "hit")}
     if ok and record.method == "POST" and record.route == _UPLOAD:
-        counts |= {"uploads": 1, "upload_bytes": record.bytes_in}
+        counts |= {"uploads": 1, "upload_bytes": record.upload_size_bytes or 0}
     elif ok and record.route == _DOWNLOAD:
         counts |= {"downloads": 1, "download_bytes": record.bytes_out}
     elif ok and record.method == "DELETE" and record.route == _ITEM:
@@ -72,9 +78,14 @@ def _day_key(iso_day: str) -> str:
 
 
 class UsageCounter:
-    def __init__(self, store: RedisStore) -> None:
+    def __init__(
+        self, store: RedisStore, retention_days: int = 400, clock: Callable[[], float] = time.time
+    ) -> None:
         self._store = store
+        self._retention_days = retention_days
+        self._clock = clock
         self._pending: Counter[tuple[str, str]] = Counter()  # (day key, field) -> amount
+        self._trimmed_on: date | None = None
 
     def add(self, record: RequestRecord) -> None:
         """Count a finished request (unauthenticated ones have no workspace and are not counted)."""
@@ -86,18 +97,28 @@ class UsageCounter:
                 self._pending[(key, f"{record.workspace}|{record.tenant}|{counter}")] += amount
 
     async def flush(self) -> bool:
-        """Write what was counted since the last flush; on failure keep it for the next one."""
-        if not self._pending:
+        """Write what was counted since the last flush, and trim old days once a day; on failure
+        keep the counts for the next one."""
+        today = datetime.fromtimestamp(self._clock(), UTC).date()
+        trim = [] if today == self._trimmed_on else self._trim(today)
+        if not self._pending and not trim:
             return True
         taken, self._pending = self._pending, Counter()
-        writes: list[Write] = [HashIncrement(key, name, amount) for (key, name), amount in taken.items()]
-        writes += [Expire(key, _KEEP_DAYS * 86400) for key in {key for key, _ in taken}]
+        writes: list[Write] = [*trim]
+        writes += [HashIncrement(key, name, amount) for (key, name), amount in taken.items()]
         try:
             await self._store.write(writes)
         except CacheUnavailableError:
             self._pending.update(taken)
             return False
+        self._trimmed_on = today
         return True
+
+    def _trim(self, today: date) -> list[Write]:
+        """Delete the days just past retention (today is the first of `retention_days` days kept)."""
+        newest = today - timedelta(days=self._retention_days)
+        oldest = newest - timedelta(days=_TRIM_WINDOW_DAYS - 1)
+        return [Delete(_day_key(day.isoformat())) for day in _days(oldest, newest)]
 
     async def run(self, interval_s: float, on_flush: Callable[[bool], None]) -> None:
         """Flush every `interval_s` until cancelled, then once more."""
@@ -105,9 +126,18 @@ class UsageCounter:
             while True:
                 await asyncio.sleep(interval_s)
                 on_flush(await self.flush())
+                _end_if_cancelled()
         finally:
             if not await self.flush():
                 logger.error("usage counters could not be written at shutdown: %s", dict(self._pending))
+
+
+def _end_if_cancelled() -> None:
+    """redis-py shields a command from cancellation (redis/redis-py#2666): a cancel that arrives
+    during a flush is absorbed there, and without this the loop, and shutdown, would go on forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def read_usage(
@@ -123,6 +153,11 @@ async def read_usage(
             row = rows.setdefault((row_workspace, tenant), UsageRow(row_workspace, tenant))
             row.counts[counter] = row.counts.get(counter, 0) + int(raw_amount)
     return [rows[key] for key in sorted(rows)]
+
+
+async def read_usage_by_day(store: RedisStore, since: date, until: date) -> dict[date, list[UsageRow]]:
+    """Each day's rows per workspace and tenant from `since` to `until`, both included (the usage page)."""
+    return {day: await read_usage(store, day, day) for day in _days(since, until)}
 
 
 def _days(since: date, until: date) -> Iterator[date]:

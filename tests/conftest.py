@@ -30,7 +30,7 @@ from tests.support import (
 class _WatchHandler(logging.Handler):
     """Collects what the proxy and the libraries under it log (the SDK and test clients are not it)."""
 
-    _PROXY_SIDE = ("proxy", "files_proxy", "uvicorn", "starlette", "httpx", "httpcore", "redis", "fakeredis")
+    _PROXY_SIDE = ("proxy", "files_proxy", "uvicorn", "starlette", "aiohttp", "httpx", "redis", "fakeredis")
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.name.split(".")[0] in self._PROXY_SIDE:

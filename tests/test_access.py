@@ -58,6 +58,7 @@ FIELDS = {
     "cache",
     "bytes_in",
     "bytes_out",
+    "upload_size_bytes",
     "duration_ms",
     "upstream_ms",
     "user_agent",
@@ -178,7 +179,8 @@ def test_a_mix_of_requests_is_logged_counted_in_metrics_and_in_usage(
         ("alpha", "alpha-prod", None, "none", None),
     ]
     assert [(x["tenant"], x["workspace"], x["route"], x["cache"], x["file_id"]) for x in lines] == expected
-    assert lines[0]["bytes_in"] == int(upload.request.headers["content-length"])
+    assert lines[0]["bytes_in"] == int(upload.request.headers["content-length"])  # the multipart body
+    assert lines[0]["upload_size_bytes"] == upload.json()["size_bytes"] < lines[0]["bytes_in"]  # the file
     assert lines[4]["bytes_out"] == 5000
     assert lines[1]["client_request_id"] == "trace-77"
     assert lines[1]["upstream_ms"] is not None and lines[2]["upstream_ms"] is None
@@ -205,7 +207,7 @@ def test_a_mix_of_requests_is_logged_counted_in_metrics_and_in_usage(
         "tenant": "alpha",
         "requests": 7,
         "uploads": 1,
-        "upload_bytes": lines[0]["bytes_in"],
+        "upload_bytes": lines[0]["upload_size_bytes"],
         "downloads": 1,
         "download_bytes": 5000,
         "deletes": 1,
@@ -336,6 +338,7 @@ def _record(**changes: Any) -> RequestRecord:
         "cache": "hit",
         "bytes_in": 0,
         "bytes_out": 203,
+        "upload_size_bytes": None,
         "duration_ms": 0.4,
         "upstream_ms": None,
         "user_agent": 'a "quoted" agent',

@@ -6,10 +6,14 @@ import json
 
 import pytest
 
+from proxy import cache
+from proxy.access import cache_result
 from proxy.cache import (
     TOMBSTONE,
+    UNCACHEABLE_STATUS,
     Bump,
     CachePolicy,
+    CappedAdd,
     Delete,
     Entry,
     Expire,
@@ -26,7 +30,12 @@ from proxy.routes import Operation
 
 GA = ("2026-10-21", [])
 BETA = ("2023-06-01", ["files-api-2025-04-14"])
-POLICY = CachePolicy(CacheConfig(metadata_ttl_s=100, list_ttl_s=10, stale_if_error_s=30, negative_ttl_s=5))
+POLICY = CachePolicy(
+    CacheConfig(
+        metadata_ttl_s=100, list_ttl_s=10, stale_if_error_s=30, negative_ttl_s=5, max_list_pages_per_scope=3
+    ),
+    random_step=lambda: 7,
+)
 
 
 def _target(
@@ -54,8 +63,8 @@ def _file_json(file_id: str) -> dict[str, object]:
         pytest.param({"version": "2023-06-01"}, {"version": "2026-10-21"}, id="anthropic-version"),
         pytest.param({"betas": ()}, {"betas": ("files-api-2025-04-14",)}, id="beta-vs-ga"),
         pytest.param({"query": b"limit=20"}, {"query": b"limit=21"}, id="query"),
-        pytest.param({"query": b"ids=a"}, {"query": b"ids=a&ids=b"}, id="repeated-ids"),
-        pytest.param({"query": b"limit=1&limit=2"}, {"query": b"limit=2&limit=1"}, id="repeated-key-order"),
+        pytest.param({"query": b"ids%5B%5D=a"}, {"query": b"ids%5B%5D=a&ids%5B%5D=b"}, id="more-ids"),
+        pytest.param({"query": b"ids[]=a&ids[]=b"}, {"query": b"ids[]=b&ids[]=a"}, id="ids-order"),
         pytest.param({"query": b"scope_id=%FE"}, {"query": b"scope_id=%FF"}, id="non-utf-8-escapes"),
         pytest.param({"query": b"scope_id=%C3%A9"}, {"query": b"scope_id=%E9"}, id="utf-8-vs-latin-1"),
     ],
@@ -92,8 +101,50 @@ def test_metadata_variants_share_one_hash_so_a_delete_drops_them_all() -> None:
     assert ga.variant != beta.variant
 
 
-def test_normalise_query_sorts_names_and_keeps_repeated_values_in_order() -> None:
-    assert normalise_query(b"ids=b&limit=3&ids=a") == "ids=b&ids=a&limit=3"
+def test_normalise_query_sorts_names_and_keeps_ids_in_order() -> None:
+    assert normalise_query(b"ids%5B%5D=b&beta=true&ids%5B%5D=a") == "beta=true&ids%5B%5D=b&ids%5B%5D=a"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param(b"limit=1&limit=2", id="repeated-limit"),
+        pytest.param(b"limit=5&page=page_a&page=page_b", id="repeated-cursor"),
+        pytest.param(b"beta=true&beta=true", id="repeated-beta"),
+        pytest.param(b"limit=5&colour=red", id="unknown-name"),
+        pytest.param(b"ids=file_1", id="ids-without-brackets"),
+        pytest.param(b"&".join(b"ids[]=file_%d" % i for i in range(101)), id="over-100-ids"),
+    ],
+)
+def test_a_query_the_cache_cannot_normalise_is_not_cached(query: bytes) -> None:
+    assert normalise_query(query) is None
+    target = target_for(Operation.LIST, "s", None, *GA, None, query)
+    assert not target.cacheable and target.key == ""
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param(b"", id="none"),
+        pytest.param(b"beta=true&limit=1000&after_id=file_1", id="beta-cursor"),
+        pytest.param(b"before_id=file_2&scope_id=s", id="beta-before-and-scope"),
+        pytest.param(b"limit=20&page=page_abc", id="ga-page"),
+        pytest.param(b"&".join(b"ids%%5B%%5D=file_%d" % i for i in range(100)), id="100-ids"),
+    ],
+)
+def test_every_files_list_query_is_cacheable(query: bytes) -> None:
+    assert target_for(Operation.LIST, "s", None, *GA, None, query).cacheable
+
+
+def test_memos_keyed_by_client_bytes_keep_only_short_keys() -> None:
+    """A long value is normalised each time (the handler refuses the longest), never remembered."""
+    queries, variants = cache._remembered_query_hash.cache_info(), cache._remembered_variant.cache_info()
+    long_query = b"limit=1&page=page_" + b"x" * 4000
+    long_beta = ",".join(f"beta-{i}" for i in range(150))
+    for _ in range(2):
+        assert target_for(Operation.LIST, "s", None, "2026-10-21", [long_beta], None, long_query).cacheable
+    assert cache._remembered_query_hash.cache_info() == queries
+    assert cache._remembered_variant.cache_info() == variants
 
 
 def test_entry_round_trips_and_ages() -> None:
@@ -130,6 +181,7 @@ def test_a_list_page_is_stored_with_its_generation_and_fills_metadata() -> None:
 
     put = writes[0]
     assert isinstance(put, Put) and put.key == target.key and put.ttl_s == 40
+    assert writes[1] == CappedAdd("fp:{s}:pages", target.key, 1000.0, 3, 40)
     stored = Entry.unpack(put.value)
     assert (stored.generation, stored.fresh_until, stored.stale_until) == (4, 1010.0, 1040.0)
     assert dict(stored.headers) == {"content-type": "application/json", "request-id": "req_up"}
@@ -137,6 +189,15 @@ def test_a_list_page_is_stored_with_its_generation_and_fills_metadata() -> None:
     assert set(filled) == {"fp:{s}:file:file_1", "fp:{s}:file:file_2"}
     assert json.loads(Entry.unpack(filled["fp:{s}:file:file_1"].value).body) == _file_json("file_1")
     assert Expire("fp:{s}:file:file_1", 100) in writes
+
+
+def test_a_page_fetched_while_the_scope_has_no_generation_starts_one() -> None:
+    """A missing generation (never set, or evicted) starts at a random value, only if still missing."""
+    target = target_for(Operation.LIST, "s", None, *GA, None, b"")
+    writes = POLICY.writes_for_answer(target, _answer(200, {"data": []}), generation=None)
+    assert writes[0] == Put("fp:{s}:gen", b"7", cache.GENERATION_TTL_S, only_if_absent=True)
+    page = writes[1]
+    assert isinstance(page, Put) and Entry.unpack(page.value).generation == 7
 
 
 @pytest.mark.parametrize(
@@ -170,7 +231,7 @@ def test_only_200s_and_metadata_404s_are_stored(
 def test_upload_bumps_the_generation_and_fills_its_metadata() -> None:
     target = target_for(Operation.UPLOAD, "s", None, *GA, None, b"")
     writes = POLICY.writes_after_upload(target, _answer(200, _file_json("file_9")))
-    assert writes[0] == Bump("fp:{s}:gen")
+    assert writes[:2] == [Bump("fp:{s}:gen", 7), Expire("fp:{s}:gen", cache.GENERATION_TTL_S)]
     assert any(isinstance(w, HashSet) and w.key == "fp:{s}:file:file_9" for w in writes)
 
 
@@ -178,7 +239,7 @@ def test_delete_drops_every_variant_leaves_a_tombstone_and_bumps_the_generation(
     target = target_for(Operation.DELETE, "s", None, *GA, "file_1", b"")
     writes = POLICY.writes_after_delete(target)
     assert writes[:2] == [Delete("fp:{s}:file:file_1"), HashSet("fp:{s}:file:file_1", TOMBSTONE, b"1")]
-    assert Bump("fp:{s}:gen") in writes
+    assert Bump("fp:{s}:gen", 7) in writes
 
 
 def test_zero_lifetimes_store_nothing() -> None:
@@ -206,3 +267,7 @@ def test_zero_lifetimes_store_nothing() -> None:
 )
 def test_cache_status_values(value: str, expected: str) -> None:
     assert value == expected
+
+
+def test_an_uncacheable_query_is_logged_as_a_bypass() -> None:
+    assert cache_result(UNCACHEABLE_STATUS) == "bypass"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from pathlib import Path
 
@@ -171,13 +172,12 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         settings.cache.list_ttl_s = 99  # type: ignore[misc]
 
 
-def test_example_config_loads(tmp_path: Path) -> None:
-    secret = tmp_path / "anthropic-key-research"
-    secret.write_text(KEY_BRAVO + "\n", encoding="utf-8")
-    text = EXAMPLE.read_text(encoding="utf-8")
-    assert 'api_key_file = "/run/secrets/anthropic-key-research"' in text
+def test_example_config_loads_as_shipped_with_what_it_names(tmp_path: Path) -> None:
+    """The example, copied as it is, with the variable and the key file its comments name."""
     path = tmp_path / "config.toml"
-    path.write_text(text.replace("/run/secrets/anthropic-key-research", secret.name), encoding="utf-8")
+    path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "anthropic-key-research").write_text(KEY_BRAVO + "\n", encoding="utf-8")
 
     settings = load_settings(path, environ={"ANTHROPIC_KEY_SEARCH": KEY_ALPHA})
 
@@ -186,6 +186,16 @@ def test_example_config_loads(tmp_path: Path) -> None:
         ("research", "research", KEY_BRAVO),
     ]
     assert all(len(t.client_key_hashes) == 1 for t in settings.tenants)
+
+
+def test_example_config_without_its_secrets_names_what_is_missing(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(EXAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+
+    with pytest.raises(ConfigError, match="ANTHROPIC_KEY_SEARCH is not set"):
+        load_settings(path, environ={})
+    with pytest.raises(ConfigError, match="secrets/anthropic-key-research"):
+        load_settings(path, environ={"ANTHROPIC_KEY_SEARCH": KEY_ALPHA})
 
 
 @pytest.mark.parametrize(
@@ -443,3 +453,12 @@ def test_cache_scope_is_derived_from_the_key_without_revealing_it() -> None:
 
 def test_hash_key_is_sha256_hex() -> None:
     assert hash_key("test") == "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+
+
+def test_hashes_are_matched_whatever_their_case(tmp_path: Path) -> None:
+    """Digests are compared with `hexdigest()`, which is lower case: an upper-case hash still admits."""
+    admin_hash = hashlib.sha256(b"fp-admin").hexdigest()
+    text = f'[admin]\nkey_sha256 = "{admin_hash.upper()}"\n\n' + tenant()
+    settings = load_settings(write_config(tmp_path, text), environ=ENVIRON)
+
+    assert settings.admin.key_sha256 == admin_hash
