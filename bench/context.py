@@ -36,7 +36,11 @@ class Context:
         self.services = services
         self.options = options
         self.workdir = services.workdir
-        self.keys = Keys("fp-bench-" + secrets.token_urlsafe(24), "sk-ant-bench-" + secrets.token_hex(16))
+        self.keys = Keys(
+            "fp-bench-" + secrets.token_urlsafe(24),
+            "sk-ant-bench-" + secrets.token_hex(16),
+            "fp-bench-own-" + secrets.token_urlsafe(24),
+        )
 
     def proxy_headers(self) -> dict[str, str]:
         return {**HEADERS, "x-api-key": self.keys.proxy_key}

@@ -31,6 +31,7 @@ from bench.table import Row, load_text
 from bench.transfer import RssSampler, Transfer, download, upload
 
 _HIT_CONNECTIONS = 64
+_OWN_FILES = 10
 _MISS_CONNECTIONS = (1, 8, 64)
 # One connection (latency) and 8 (throughput) give production's path its figure; 64 would only add time.
 _TLS_MISS_CONNECTIONS = (1, 8)
@@ -74,8 +75,9 @@ def list_hit(ctx: Context) -> list[Row]:
     scenario = f"list-page hit, {_HIT_CONNECTIONS} conns"
     bare = _load(ctx, ctx.bare, path)
     rows = [_baseline(scenario, "bare Starlette", bare)]
+    plain: dict[str, LoadResult] = {}
     for name, service in (("proxy (redis)", ctx.proxy_redis), ("proxy (memory)", ctx.proxy_memory)):
-        result = _load(ctx, service, path)
+        result = plain[name] = _load(ctx, service, path)
         ratio = result.rps / bare.rps
         rows.append(
             _compared(
@@ -88,7 +90,24 @@ def list_hit(ctx: Context) -> list[Row]:
                 ratio=ratio,
             )
         )
+    # Issue 16: a team that sees only its own files, on a key it shares: the same cached page,
+    # filtered (one more store read, for the page's owners). Half of the first page is its own.
+    _upload_small(ctx.proxy_redis, ctx.keys.own_proxy_key, _OWN_FILES)
+    own = _load(ctx, ctx.proxy_redis, path, extra={"key": ctx.keys.own_proxy_key})
+    ratio = own.rps / plain["proxy (redis)"].rps
+    versus = f"{ratio:.2f} x plain list hits"
+    target = ">= 0.8 x the proxy's plain list-hit req/s"
+    rows.append(
+        _compared(scenario, "proxy (redis), `own` team", own, target, versus, ratio >= 0.8, ratio=ratio)
+    )
     return rows
+
+
+def _upload_small(service: Service, proxy_key: str, count: int) -> None:
+    headers = {"x-api-key": proxy_key, "anthropic-version": "2023-06-01"}
+    with httpx.Client(base_url=service.url, headers=headers, timeout=30) as client:
+        for n in range(count):
+            client.post("/v1/files", files={"file": (f"own-{n}.txt", b"x" * 100)}).raise_for_status()
 
 
 def miss(ctx: Context) -> list[Row]:

@@ -34,6 +34,8 @@ class Keys:
 
     proxy_key: str
     upstream_key: str
+    # A second team on the same Anthropic key that sees only its own files (issue 16's list-hit row).
+    own_proxy_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -219,7 +221,13 @@ def _proxy_config(upstream_url: str, cache_url: str, keys: Keys, ca_file: Path |
         f'[cache]\nurl = "{cache_url}"\n\n'
         "[limits]\nmax_upload_bytes = 600000000\n\n"
         f'[[tenants]]\nname = "bench"\nworkspace = "bench"\napi_key_env = "{_UPSTREAM_KEY_ENV}"\n'
-        f'client_key_sha256 = ["{hash_key(keys.proxy_key)}"]\n'
+        f'client_key_sha256 = ["{hash_key(keys.proxy_key)}"]\nfiles = "all"\n'
+        + (
+            f'\n[[tenants]]\nname = "bench-own"\nworkspace = "bench"\napi_key_env = "{_UPSTREAM_KEY_ENV}"\n'
+            f'client_key_sha256 = ["{hash_key(keys.own_proxy_key)}"]\nfiles = "own"\n'
+            if keys.own_proxy_key
+            else ""
+        )
     )
 
 

@@ -24,9 +24,12 @@ from proxy.config import ConfigError, Settings
 from proxy.errors import InvalidRequestError, ProxyError, error_response, new_request_id
 from proxy.handler import FilesHandler
 from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.ownership import Ownership
 from proxy.ratelimit import RateLimiter
+from proxy.reconcile import run_upkeep
 from proxy.store import RedisStore, open_store
 from proxy.ui import UI_PATHS, UsagePage
+from proxy.ui_pages import StorageRow
 from proxy.upstream import UpstreamClient
 from proxy.usage import UsageCounter, read_usage, usage_report
 
@@ -71,11 +74,15 @@ def create_app(
         store,
         collapse_timeout_s=cache_config.collapse_timeout_s,
         local_ttl_s=cache_config.local_ttl_s,
+        journal_path=cache_config.journal_path,
         clock=clock,
     )
-    handler = FilesHandler(settings, upstream, cache, RateLimiter(store))
+    ownership = Ownership(store, settings)
+    handler = FilesHandler(settings, upstream, cache, RateLimiter(store), ownership)
     metrics = Metrics(
-        cache_available=lambda: not store.breaker.is_open, access_lines_dropped=access_lines_dropped
+        cache_available=lambda: not store.breaker.is_open,
+        access_lines_dropped=access_lines_dropped,
+        storage=lambda: ownership.snapshot,
     )
     store.on_call = lambda outcome: metrics.cache_operations.labels(outcome).inc()
     usage = UsageCounter(store, retention_days=settings.usage.retention_days)
@@ -123,10 +130,18 @@ def create_app(
         since = _date_param(request, "since", today.replace(day=1))
         until = _date_param(request, "until", today)
         await usage.flush()
-        rows = await read_usage(store, since, until, request.query_params.get("workspace"))
-        return JSONResponse(usage_report(since, until, rows))
+        workspace = request.query_params.get("workspace")
+        rows = await read_usage(store, since, until, workspace)
+        storage = [row for row in await ownership.storage() if workspace in (None, row.workspace)]
+        return JSONResponse(usage_report(since, until, rows, storage))
 
-    ui = UsagePage(lambda: current, store, usage, handler, clock=clock)
+    async def storage_rows() -> list[StorageRow]:
+        return [
+            StorageRow(row.tenant, row.files, row.bytes, row.quota_bytes, row.max_files)
+            for row in await ownership.storage()
+        ]
+
+    ui = UsagePage(lambda: current, store, usage, handler, storage=storage_rows, clock=clock)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -138,13 +153,18 @@ def create_app(
         if not await store.ping():
             logger.warning("cache store unavailable at startup; serving without cache until it answers")
         await store.start()
+        await cache.start()
         flusher = asyncio.create_task(usage.run(settings.usage.flush_interval_s, flushed))
+        await ownership.refresh()
+        upkeep = asyncio.create_task(run_upkeep(ownership, store, upstream, lambda: current))
         try:
             yield
         finally:
             flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
+            upkeep.cancel()
+            await asyncio.gather(flusher, upkeep, return_exceptions=True)
             await upstream.aclose()
+            await cache.aclose()
             await store.aclose()
 
     files = _files_endpoint(handler.handle)

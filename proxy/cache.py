@@ -10,10 +10,15 @@ Keys (the `{scope}` hash tag keeps one scope in one Redis Cluster slot):
     fp:{S}:pages                    sorted set: the scope's list page keys by the time they were stored
     fp:{S}:file:<file_id>           hash: variant -> metadata entry (positive or 404), "~deleted"
 
-S is the tenant's cache scope (a hash of its upstream key) plus a hash of `anthropic-workspace-id`.
-The variant hashes `anthropic-version` and the normalised `anthropic-beta` set, which change shapes.
+S is the tenant's cache scope: a hash of its upstream key, which alone decides the upstream workspace.
+The variant hashes what may change an answer's shape or which the client chose to send:
+`anthropic-version`, the normalised `anthropic-beta` set, `anthropic-workspace-id` and the `beta`
+query parameter. Variants keep answers apart; invalidation is per scope, so a delete in any form of
+request drops every variant (the file hash holds them all; the generation moves for every page).
 A list hit is one MGET of the generation and the page; a metadata hit is one HMGET of the variant
-and the tombstone. A page whose generation is not current is unreachable at once.
+and the tombstone. A page whose generation is not current is unreachable at once. A fill's metadata
+entries are written only if the scope's generation is still the one read before the fetch
+(`GuardedWrites`, one Lua script), so a fill that raced a delete or a wiped store stores nothing.
 
 Every key has a TTL, so a Redis under `volatile-lru` (and the embedded store's byte cap) may evict
 any of them, and only them. Generations therefore move by random steps and start at a random value:
@@ -30,7 +35,7 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from enum import Enum
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -142,6 +147,16 @@ class HashIncrement:
 
 
 @dataclass(frozen=True, slots=True)
+class GuardedWrites:
+    """`writes` (hash sets and expiries only), applied atomically and only while `guard_key` still
+    holds `expected` (None: still missing)."""
+
+    guard_key: str
+    expected: int | None
+    writes: tuple[HashSet | Expire, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CappedAdd:
     """Add `member`, itself a key, to the sorted set `key`; members ranked below the `cap` highest
     scores are removed, and so are the keys they name."""
@@ -153,7 +168,43 @@ class CappedAdd:
     ttl_s: int
 
 
-Write = HashSet | Put | Expire | Bump | Delete | HashIncrement | CappedAdd
+Write = HashSet | Put | Expire | Bump | Delete | HashIncrement | CappedAdd | GuardedWrites
+# What an invalidation (upload or delete) is made of, and so what the journal of held ones records.
+_JOURNALLED: dict[str, type[HashSet | Put | Expire | Bump | Delete]] = {
+    kind.__name__: kind for kind in (HashSet, Put, Expire, Bump, Delete)
+}
+
+
+def pack_invalidation(scope: str, writes: Sequence[Write]) -> bytes:
+    """One invalidation as a JSON line for the journal (bytes as latin-1 text, which round-trips)."""
+    items = [
+        [type(write).__name__]
+        + [
+            value.decode("latin-1") if isinstance(value, bytes) else value
+            for value in (getattr(write, field.name) for field in fields(write))
+        ]
+        for write in writes
+    ]
+    return json.dumps([scope, items], separators=(",", ":")).encode() + b"\n"
+
+
+def unpack_invalidation(line: bytes) -> tuple[str, tuple[Write, ...]]:
+    """The scope and writes of a journal line; ValueError if it is not one (a line cut by a crash)."""
+    try:
+        scope, items = json.loads(line)
+        writes: list[Write] = []
+        for name, *values in items:
+            kind = _JOURNALLED[name]
+            args = [
+                value.encode("latin-1") if field.type == "bytes" else value
+                for field, value in zip(fields(kind), values, strict=True)
+            ]
+            writes.append(kind(*args))
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ValueError("not a journal line") from exc
+    if not isinstance(scope, str):
+        raise ValueError("not a journal line")
+    return scope, tuple(writes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +236,13 @@ def target_for(
     file_id: str | None,
     query: bytes,
 ) -> CacheTarget:
-    """The cache target of a Files request (any operation: uploads and deletes need the scope)."""
-    scope = tenant_scope if workspace_id is None else f"{tenant_scope}.{_short_hash(workspace_id)}"
-    variant = _variant(anthropic_version, tuple(anthropic_betas))
+    """The cache target of a Files request (any operation: uploads and deletes need the scope).
+
+    The scope is the tenant's alone: with or without `anthropic-workspace-id` (or `?beta=true`) a
+    request reaches the same upstream workspace, so those only choose the variant.
+    """
+    scope = tenant_scope
+    variant = _variant(anthropic_version, tuple(anthropic_betas), workspace_id or "", _beta_query(query))
     if operation is Operation.LIST:
         query_hash = _query_hash(query)
         if query_hash is None:
@@ -200,21 +255,42 @@ def target_for(
     return CacheTarget(operation=operation, scope=scope, variant=variant, key=key)
 
 
-def _variant(anthropic_version: str | None, anthropic_betas: tuple[str, ...]) -> str:
-    """The hash of the headers that change an answer's shape. Their few usual values are remembered;
-    longer ones, which only a careless or hostile client sends, are hashed each time."""
-    size = len(anthropic_version or "") + sum(map(len, anthropic_betas))
+def _variant(
+    anthropic_version: str | None, anthropic_betas: tuple[str, ...], workspace_id: str, beta_query: str
+) -> str:
+    """The hash of the request parts that may change an answer's shape. Their few usual values are
+    remembered; longer ones, which only a careless or hostile client sends, are hashed each time."""
+    size = len(anthropic_version or "") + sum(map(len, anthropic_betas)) + len(workspace_id) + len(beta_query)
     if size <= _MEMO_MAX_KEY_BYTES:
-        return _remembered_variant(anthropic_version, anthropic_betas)
-    return _variant_hash(anthropic_version, anthropic_betas)
+        return _remembered_variant(anthropic_version, anthropic_betas, workspace_id, beta_query)
+    return _variant_hash(anthropic_version, anthropic_betas, workspace_id, beta_query)
 
 
-def _variant_hash(anthropic_version: str | None, anthropic_betas: tuple[str, ...]) -> str:
+def _variant_hash(
+    anthropic_version: str | None, anthropic_betas: tuple[str, ...], workspace_id: str, beta_query: str
+) -> str:
     betas = sorted({beta.strip() for value in anthropic_betas for beta in value.split(",") if beta.strip()})
-    return _short_hash(f"{anthropic_version or ''}|{','.join(betas)}")
+    return _short_hash(f"{anthropic_version or ''}|{','.join(betas)}|{workspace_id}|{beta_query}")
 
 
 _remembered_variant = functools.lru_cache(maxsize=256)(_variant_hash)
+
+
+def _beta_query(query: bytes) -> str:
+    """The `beta` query parameter's values (the published spec names the beta routes by it), or ""."""
+    if b"beta" not in query:
+        return ""
+    if len(query) <= _MEMO_MAX_KEY_BYTES:
+        return _remembered_beta_query(query)
+    return _beta_values(query)
+
+
+def _beta_values(query: bytes) -> str:
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    return "&".join(value for name, value in pairs if name == "beta")
+
+
+_remembered_beta_query = functools.lru_cache(maxsize=1024)(_beta_values)
 
 
 def _query_hash(query: bytes) -> str | None:
@@ -266,6 +342,11 @@ class CachePolicy:
         self._config = config
         self._random_step = random_step or _random_step
 
+    def new_generation(self) -> int:
+        """A generation for a scope that has none: random, so it never meets pages or fills of a
+        generation that came before (evicted, wiped, or lost in a failover)."""
+        return self._random_step()
+
     def page_entry(self, reply: Entry, generation: int) -> Entry:
         fresh_until = reply.stored_at + self._config.list_ttl_s
         return _with_lifetime(reply, fresh_until, fresh_until + self._config.stale_if_error_s, generation)
@@ -273,9 +354,11 @@ class CachePolicy:
     def writes_for_answer(self, target: CacheTarget, answer: Entry, generation: int | None) -> list[Write]:
         """What to store for a fetched list or metadata answer; nothing for an uncacheable one.
 
-        `generation` is the scope's list generation read before the fetch; None when it had none
-        (never set, or evicted): the page then starts a new one, unless another request did first.
-        A 200 whose body is not the JSON it should be is an upstream fault: passed through, not stored.
+        `generation` is the scope's generation read before the fetch; None when it had none (never
+        set, evicted or wiped): a page then starts a new one, unless another request did first.
+        Metadata entries are written only while the generation is still that one: a delete (or a
+        wipe) meanwhile makes the fill store nothing. A 200 whose body is not the JSON it should be
+        is an upstream fault: passed through, not stored.
         """
         if _forbids_storing(answer.headers):
             return []
@@ -284,10 +367,10 @@ class CachePolicy:
             listed = _listed_files(answer.body)
             if listed is None:
                 return []
-            files = self.writes_for_files(target, listed, answer)
+            files = _guarded(target, generation, self.writes_for_files(target, listed, answer))
             if ttl <= 0:
                 return files
-            writes: list[Write] = []
+            writes: list[Write] = files  # first: a generation this fill starts must not pass the guard
             if generation is None:
                 generation = self._random_step()
                 start = Put(target.generation_key, b"%d" % generation, GENERATION_TTL_S, only_if_absent=True)
@@ -298,18 +381,22 @@ class CachePolicy:
                 Put(target.key, page.pack(), ttl),
                 CappedAdd(target.page_index_key, target.key, answer.stored_at, cap, ttl),
             ]
-            return writes + files
+            return writes
         if target.operation is Operation.METADATA and answer.status == 200:
             if _file_id(answer.body) is None:
                 return []
-            return self._file_writes(target.key, target.variant, answer, self._config.metadata_ttl_s)
+            fill = self._file_writes(target.key, target.variant, answer, self._config.metadata_ttl_s)
+            return _guarded(target, generation, fill)
         if target.operation is Operation.METADATA and answer.status == 404:
-            return self._file_writes(target.key, target.variant, answer, self._config.negative_ttl_s)
+            fill = self._file_writes(target.key, target.variant, answer, self._config.negative_ttl_s)
+            return _guarded(target, generation, fill)
         return []
 
-    def writes_for_files(self, target: CacheTarget, files: Sequence[bytes], source: Entry) -> list[Write]:
+    def writes_for_files(
+        self, target: CacheTarget, files: Sequence[bytes], source: Entry
+    ) -> list[HashSet | Expire]:
         """Metadata entries for file objects seen in a list page or an upload answer."""
-        writes: list[Write] = []
+        writes: list[HashSet | Expire] = []
         if _forbids_storing(source.headers):
             return writes
         for body in files:
@@ -325,7 +412,7 @@ class CachePolicy:
             Bump(target.generation_key, self._random_step()),
             Expire(target.generation_key, GENERATION_TTL_S),
         ]
-        if answer.status == 200:
+        if answer.status == 200:  # the new file: no read raced it, nothing to guard
             writes += self.writes_for_files(target, [answer.body], answer)
         return writes
 
@@ -339,13 +426,17 @@ class CachePolicy:
             Expire(target.generation_key, GENERATION_TTL_S),
         ]
 
-    def _file_writes(self, key: str, variant: str, answer: Entry, ttl_s: int) -> list[Write]:
+    def _file_writes(self, key: str, variant: str, answer: Entry, ttl_s: int) -> list[HashSet | Expire]:
         if ttl_s <= 0:
             return []
         entry = _with_lifetime(answer, answer.stored_at + ttl_s, answer.stored_at + ttl_s, 0)
         # A 404 must not shorten the life of a hash that holds other entries or a tombstone.
         expire = Expire(key, ttl_s, only_if_unset=answer.status != 200)
         return [HashSet(key, variant, entry.pack()), expire]
+
+
+def _guarded(target: CacheTarget, generation: int | None, fill: list[HashSet | Expire]) -> list[Write]:
+    return [GuardedWrites(target.generation_key, generation, tuple(fill))] if fill else []
 
 
 def _with_lifetime(entry: Entry, fresh_until: float, stale_until: float, generation: int) -> Entry:

@@ -3,23 +3,33 @@
 Concurrent misses on one key in this process make one upstream request (single-flight); the
 others wait up to `collapse_timeout_s`, then fetch for themselves without storing. A list page past
 its freshness stands in for an upstream failure while within `stale_if_error_s`. A store that is
-down turns every read into a miss; invalidations it could not take are kept and written first
-when it returns, so a delete is never forgotten. Hits are copied for `local_ttl_s` into this
-process's memory (`local_cache.py`), which bounds how late another replica's delete is seen.
+down turns every read into a miss. Invalidations it could not take are held, in order, and written
+by a background task in chunks as soon as it answers; until a scope's are written, this process
+neither reads that scope from the store nor fills it, since the store still holds what they drop.
+Reads never wait for the backlog. With `cache.journal_path` set, held invalidations are also
+appended to that file and replayed at the next start, so a restart while the store is away loses
+none (replaying one already written is harmless: each is idempotent). Hits are copied for
+`local_ttl_s` into this process's memory (`local_cache.py`), which bounds how late another replica's
+delete is seen once it is in the store.
+All store calls of one read or invalidation share one `cache.timeout_s` (`RedisStore.request_budget`).
 A list query the policy cannot normalise is forwarded without looking anything up or storing it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 from proxy.cache import (
     BYPASS_STATUS,
+    GENERATION_TTL_S,
     TOMBSTONE,
     UNCACHEABLE_STATUS,
     CachePolicy,
@@ -30,7 +40,9 @@ from proxy.cache import (
     forward_status,
     hit_status,
     is_upstream_failure,
+    pack_invalidation,
     stale_status,
+    unpack_invalidation,
 )
 from proxy.errors import ProxyError, UpstreamError
 from proxy.local_cache import LocalCache
@@ -39,7 +51,21 @@ from proxy.store import CacheUnavailableError, RedisStore
 
 logger = logging.getLogger(__name__)
 
-_MAX_PENDING_WRITES = 100_000
+# Held invalidations (about five writes each) kept at most; past it the oldest go, logged.
+_MAX_HELD = 100_000
+# Invalidations per background write: a few thousand commands, one round trip well inside any
+# `timeout_s`, so a backlog of any size drains chunk by chunk.
+_DRAIN_CHUNK = 200
+_DRAIN_RETRY_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """One invalidation the store could not take, numbered in the order it was made."""
+
+    number: int
+    scope: str
+    writes: tuple[Write, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +90,7 @@ class ResponseCache:
         *,
         collapse_timeout_s: float,
         local_ttl_s: float = 0.0,
+        journal_path: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.policy = policy
@@ -72,33 +99,66 @@ class ResponseCache:
         self._local = LocalCache(local_ttl_s, clock)
         self._collapse_timeout_s = collapse_timeout_s
         self._inflight: dict[str, asyncio.Future[_Outcome]] = {}
-        self._pending: deque[Write] = deque(maxlen=_MAX_PENDING_WRITES)
+        self._held: deque[_Held] = deque()
+        self._held_scopes: Counter[str] = Counter()
+        self._held_count = 0
+        self._drainer: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+        self._journal_path = Path(journal_path) if journal_path else None
+        self._journal: BinaryIO | None = None
+
+    async def start(self) -> None:
+        """Open the journal and hold again what it kept from before a restart (written soon)."""
+        if self._journal_path is None:
+            return
+        kept = self._journal_path.read_bytes().splitlines() if self._journal_path.exists() else []
+        self._journal = self._journal_path.open("ab")
+        for line in kept:
+            try:
+                scope, writes = unpack_invalidation(line)
+            except ValueError:
+                logger.warning("unreadable line in the cache journal skipped")
+                continue
+            self._hold(scope, writes, journal=False)
+        if self._held:
+            logger.info("%d cache invalidations from the journal to write", len(self._held))
+
+    @property
+    def held(self) -> int:
+        """Invalidations made while the store was away and not yet written."""
+        return len(self._held)
+
+    async def aclose(self) -> None:
+        """Stop the background writer (by an event: redis-py may swallow a cancel, redis-py#2666)."""
+        self._closing.set()
+        if self._drainer is not None:
+            await self._drainer
+        if self._journal is not None:
+            self._journal.close()  # what is still held stays in it for the next start
+            self._journal = None
 
     async def read(self, target: CacheTarget, fetch: Fetch, *, no_cache: bool) -> Answer:
         """The answer to a list or metadata request: a hit, a collapsed or own fetch, or stale."""
         if not target.cacheable:
             return Answer(await fetch(), UNCACHEABLE_STATUS)
-        try:
-            await self._flush_pending()
-            stored, generation = await self._lookup(target)
-            available = True
-        except CacheUnavailableError:
-            stored, generation, available = None, None, False
-        usable = None if no_cache else stored
-        now = self.clock()
-        freshness = usable.freshness(now) if usable is not None else Freshness.UNUSABLE
-        if usable is not None and freshness is Freshness.FRESH:
-            return Answer(usable, hit_status(usable.ttl(now)), age=usable.age(now))
-        stale = usable if freshness is Freshness.STALE else None
+        with self.store.request_budget():
+            return await self._read(target, fetch, no_cache)
 
+    async def _read(self, target: CacheTarget, fetch: Fetch, no_cache: bool) -> Answer:
+        held = target.scope in self._held_scopes
+        copied = None if no_cache or held else self._local.get(target.scope, target.key, target.variant)
+        if copied is not None:
+            return self._hit(copied[0])
         flight_key = f"{target.key}|{target.variant}"
         leader = None if no_cache else self._inflight.get(flight_key)
         if leader is not None:
             return await self._follow(leader, fetch)
+        # The flight covers the store lookup too: a request whose lookup ended after the leader had
+        # fetched and stored would otherwise miss both the entry and the leader, and fetch again.
         outcome: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
         self._inflight[flight_key] = outcome
         try:
-            answer = await self._fetch_and_store(target, fetch, stale, generation, available, no_cache)
+            answer = await self._lookup_or_fetch(target, fetch, no_cache, held)
             outcome.set_result(answer)
             return answer
         except ProxyError as exc:
@@ -111,61 +171,122 @@ class ResponseCache:
             if self._inflight.get(flight_key) is outcome:
                 del self._inflight[flight_key]
 
+    async def _lookup_or_fetch(self, target: CacheTarget, fetch: Fetch, no_cache: bool, held: bool) -> Answer:
+        stored, generation, available = None, None, False
+        if not held:
+            try:
+                stored, generation = await self._lookup(target, no_cache)
+                available = True
+            except CacheUnavailableError:
+                pass
+        usable = None if no_cache else stored
+        freshness = usable.freshness(self.clock()) if usable is not None else Freshness.UNUSABLE
+        if usable is not None and freshness is Freshness.FRESH:
+            return self._hit(usable)
+        stale = usable if freshness is Freshness.STALE else None
+        return await self._fetch_and_store(target, fetch, stale, generation, available, no_cache)
+
+    def _hit(self, entry: Entry) -> Answer:
+        now = self.clock()
+        return Answer(entry, hit_status(entry.ttl(now)), age=entry.age(now))
+
     async def invalidate(self, target: CacheTarget, writes: Sequence[Write]) -> None:
-        """Write now, or keep the writes for when the store returns: never lose an invalidation.
+        """Write now, or hold the writes for the background writer: never lose an invalidation.
+        Behind held ones, a new one waits its turn (the writes keep the order they were made in).
 
         The scope's in-process copies go before the write (lookups in flight must not put them back)
         and again after it (a lookup that started meanwhile read the store before the write).
         """
         self._local.drop_scope(target.scope)
-        try:
-            await self._flush_pending()
-            await self.store.write(writes)
-        except CacheUnavailableError:
-            if len(self._pending) + len(writes) > _MAX_PENDING_WRITES:
-                logger.error("over %d cache writes held for the store; oldest dropped", _MAX_PENDING_WRITES)
-            self._pending.extend(writes)
+        if self._held:
+            self._hold(target.scope, writes)
+        else:
+            try:
+                with self.store.request_budget():
+                    await self.store.write(writes)
+            except CacheUnavailableError:
+                self._hold(target.scope, writes)
         self._local.drop_scope(target.scope)
 
-    async def _flush_pending(self) -> None:
-        """Write the invalidations held while the store was away. The batch is taken out first, so
-        concurrent requests neither write it twice nor lose what is added meanwhile; if the write
-        fails, it goes back in front of anything newer."""
-        if not self._pending:
-            return
-        batch, self._pending = self._pending, deque(maxlen=_MAX_PENDING_WRITES)
-        try:
-            await self.store.write(list(batch))
-        except CacheUnavailableError:
-            self._pending.extendleft(reversed(batch))
-            raise
-        logger.info("wrote %d cache invalidations held while the store was away", len(batch))
+    def _hold(self, scope: str, writes: Sequence[Write], *, journal: bool = True) -> None:
+        if journal and self._journal is not None:
+            try:
+                self._journal.write(pack_invalidation(scope, writes))
+                self._journal.flush()
+            except OSError as exc:
+                logger.error("cannot append to the cache journal: %s", exc)
+        if len(self._held) >= _MAX_HELD:
+            logger.error("over %d cache invalidations held for the store; the oldest dropped", _MAX_HELD)
+            self._release(self._held.popleft())
+        self._held_count += 1
+        self._held.append(_Held(self._held_count, scope, tuple(writes)))
+        self._held_scopes[scope] += 1
+        if (self._drainer is None or self._drainer.done()) and not self._closing.is_set():
+            # A context of its own: the request's store budget must not follow the task.
+            self._drainer = asyncio.create_task(self._drain(), context=contextvars.Context())
 
-    async def _lookup(self, target: CacheTarget) -> tuple[Entry | None, int | None]:
-        """The stored entry if it is still valid, and the scope's current list generation (None for
-        metadata, or when the scope has none)."""
-        copied = self._local.get(target.scope, target.key, target.variant)
+    def _release(self, held: _Held) -> None:
+        self._held_scopes[held.scope] -= 1
+        if not self._held_scopes[held.scope]:
+            del self._held_scopes[held.scope]
+
+    async def _drain(self) -> None:
+        """Write the held invalidations, oldest first, a chunk at a time, until none is left; while the
+        store is away, try again every `_DRAIN_RETRY_S` (the breaker lets one probe through)."""
+        written = 0
+        while self._held and not self._closing.is_set():
+            chunk = [self._held[at] for at in range(min(_DRAIN_CHUNK, len(self._held)))]
+            try:
+                await self.store.write([write for held in chunk for write in held.writes])
+            except CacheUnavailableError:
+                try:
+                    await asyncio.wait_for(self._closing.wait(), _DRAIN_RETRY_S)
+                except TimeoutError:
+                    pass
+                continue
+            last = chunk[-1].number
+            while self._held and self._held[0].number <= last:  # the oldest may have been dropped
+                self._release(self._held.popleft())
+            written += len(chunk)
+        if not self._held and self._journal is not None:
+            self._journal.truncate(0)  # no await since the check: nothing was added meanwhile
+        if written:
+            logger.info("wrote %d cache invalidations held while the store was away", written)
+
+    async def _lookup(self, target: CacheTarget, no_cache: bool) -> tuple[Entry | None, int | None]:
+        """The stored entry if it is still valid, and the scope's current generation (for a metadata
+        hit it does not matter and is not read)."""
+        copied = None if no_cache else self._local.get(target.scope, target.key, target.variant)
         if copied is not None:
             return copied
         epoch = self._local.epoch(target.scope)
-        entry, generation = await self._lookup_store(target)
+        entry, generation = await self._lookup_store(target, no_cache)
         if entry is not None:
             self._local.put(target.scope, target.key, target.variant, entry, generation, epoch)
         return entry, generation
 
-    async def _lookup_store(self, target: CacheTarget) -> tuple[Entry | None, int | None]:
+    async def _lookup_store(self, target: CacheTarget, no_cache: bool) -> tuple[Entry | None, int]:
+        """On a miss the scope's generation is read, or started when it has none (never set, evicted
+        or wiped): the fill is stored only if it is still that one, so no delete (nor a wipe that
+        took the tombstone with it) happened during the fetch."""
         if target.operation is Operation.LIST:
             raw_generation, raw_page = await self.store.mget([target.generation_key, target.key])
             if raw_generation is None:
-                return None, None  # no page can be trusted until the scope has a generation again
+                return None, await self._start_generation(target)  # no page is trusted until then
             generation = int(raw_generation)
             page = _unpack(raw_page)
             return (page if page is not None and page.generation == generation else None), generation
         raw_entry, tombstone = await self.store.hmget(target.key, [target.variant, TOMBSTONE])
         entry = _unpack(raw_entry)
         if entry is not None and entry.status == 200 and tombstone is not None:
-            return None, None  # a fill that raced the file's deletion
-        return entry, None
+            entry = None  # a fill that raced the file's deletion
+        if entry is not None and not no_cache and entry.freshness(self.clock()) is Freshness.FRESH:
+            return entry, 0  # a hit: its generation does not matter
+        return entry, await self._start_generation(target)
+
+    async def _start_generation(self, target: CacheTarget) -> int:
+        started = b"%d" % self.policy.new_generation()
+        return int(await self.store.get_or_start(target.generation_key, started, GENERATION_TTL_S))
 
     async def _follow(self, leader: asyncio.Future[_Outcome], fetch: Fetch) -> Answer:
         try:
@@ -197,7 +318,7 @@ class ResponseCache:
             return Answer(stale, stale_status(None), age=stale.age(self.clock()))
         if stale is not None and is_upstream_failure(entry.status):
             return Answer(stale, stale_status(entry.status), age=stale.age(self.clock()))
-        if not available:
+        if not available or target.scope in self._held_scopes:
             return Answer(entry, BYPASS_STATUS)
         writes = self.policy.writes_for_answer(target, entry, generation)
         try:

@@ -11,9 +11,10 @@ import logging
 import secrets
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import HttpUrl
@@ -22,12 +23,17 @@ from starlette.types import ASGIApp
 from proxy.access import access_logger, start_access_log
 from proxy.app import create_app
 from proxy.config import ConfigError, ServerConfig, Settings, Tenant, UpstreamConfig, hash_key, load_settings
+from proxy.errors import ProxyError
+from proxy.ownership import TeamStorage, read_totals, sees_all, storage_rows
+from proxy.reconcile import adopt, reconcile
 from proxy.server import ListenError, bind_listener, listener_url, run_on_server_loop, run_servers
 from proxy.simulator import Simulator
-from proxy.store import open_store
+from proxy.store import CacheUnavailableError, RedisStore, open_store
+from proxy.upstream import UpstreamClient
 from proxy.usage import COUNTERS, UsageRow, read_usage, usage_report
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
+_T = TypeVar("_T")
 _DEMO_SNIPPET = """\
     import anthropic
     client = anthropic.Anthropic(base_url="{url}", api_key="{key}")
@@ -116,6 +122,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     usage.set_defaults(command=_usage)
 
+    reconcile_cmd = command(
+        "reconcile",
+        "list every upstream workspace in full, drop the owner records of files gone (deleted"
+        " directly, expired), and print each team's files and bytes and the unowned ones",
+    )
+    reconcile_cmd.add_argument("--config", required=True, type=Path, help="the TOML config file")
+    reconcile_cmd.set_defaults(command=_reconcile)
+
+    files = command("files", "manage file ownership")
+    files_commands = files.add_subparsers(required=True, metavar="ACTION")
+    adopt_cmd = files_commands.add_parser(
+        "adopt",
+        help="make a team the owner of files uploaded outside the proxy",
+        description="make a team the owner of files uploaded outside the proxy (files owned already stay"
+        " with their owner)",
+    )
+    adopt_cmd.add_argument("--config", required=True, type=Path, help="the TOML config file")
+    adopt_cmd.add_argument("--tenant", required=True, help="the team that becomes the owner")
+    which = adopt_cmd.add_mutually_exclusive_group(required=True)
+    which.add_argument("--unowned", action="store_true", help="every unowned file of the team's key")
+    which.add_argument("file_ids", nargs="*", default=[], metavar="FILE_ID", help="these files")
+    adopt_cmd.set_defaults(command=_adopt)
+
     demo = command("demo", "run the simulator and a proxy in front of it, for a first try")
     demo.add_argument(
         "--host", default="127.0.0.1", help="address the proxy listens on (default: %(default)s)"
@@ -162,7 +191,8 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"  cache:    {_without_password(settings.cache.url)}")
     for tenant in settings.tenants:
         keys = len(tenant.client_key_hashes)
-        print(f"  tenant {tenant.name}: workspace {tenant.workspace}, {keys} proxy key(s)")
+        files = "all" if sees_all(tenant, settings.tenants) else "own"
+        print(f"  tenant {tenant.name}: workspace {tenant.workspace}, {keys} proxy key(s), files {files}")
     return 0
 
 
@@ -245,22 +275,125 @@ def _usage(args: argparse.Namespace) -> int:
         return 2
     today = datetime.now(UTC).date()
     since, until = args.since or today.replace(day=1), args.until or today
-    rows = asyncio.run(_read_usage(settings.cache.url, since, until, args.workspace))
+    rows, storage = asyncio.run(_read_usage(settings, since, until, args.workspace))
     if args.json:
-        print(json.dumps(usage_report(since, until, rows), indent=2))
+        print(json.dumps(usage_report(since, until, rows, storage), indent=2))
         return 0
     print(f"Usage from {since} to {until} (UTC days, both included)")
     table = [["workspace", "tenant", *COUNTERS]]
     table += [[r.workspace, r.tenant, *(str(r.counts[c]) for c in COUNTERS)] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    _print_table(table)
+    print("\nStorage now (live files; quotas blank when unset)")
+    held = [["workspace", "tenant", "files", "bytes", "quota_bytes", "max_files"]]
+    held += [
+        [s.workspace, s.tenant, str(s.files), str(s.bytes), _blank(s.quota_bytes), _blank(s.max_files)]
+        for s in storage
+    ]
+    _print_table(held)
     return 0
 
 
-async def _read_usage(url: str, since: date, until: date, workspace: str | None) -> list[UsageRow]:
-    store = open_store(url, timeout_s=5.0)
+def _print_table(table: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _blank(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+async def _read_usage(
+    settings: Settings, since: date, until: date, workspace: str | None
+) -> tuple[list[UsageRow], list[TeamStorage]]:
+    """Usage rows, and storage per team: the store knows every key's scope, so no secret is needed."""
+    store = open_store(settings.cache.url, timeout_s=5.0)
     try:
-        return await read_usage(store, since, until, workspace)
+        rows = await read_usage(store, since, until, workspace)
+        storage = storage_rows(settings.tenants, await read_totals(store, ()))
     finally:
+        await store.aclose()
+    return rows, [row for row in storage if workspace in (None, row.workspace)]
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    settings = _shared_store_settings(args.config, "reconcile")
+    if settings is None:
+        return 2
+    reports = _run_against_upstream(settings, "reconcile", lambda s, u: reconcile(s, u, settings.tenants))
+    if reports is None:
+        return 1
+    for report in reports:
+        print(f"workspace {report.workspaces}:")
+        for tenant, (count, held) in report.tenants.items():
+            print(f"  {tenant}: {count} files, {held} bytes")
+        print(f"  unowned: {report.unowned[0]} files, {report.unowned[1]} bytes")
+        for file_id, owner, size in report.dropped:
+            print(f"  dropped {file_id} ({owner}, {size} bytes): gone upstream or expired")
+        if not report.dropped:
+            print("  dropped nothing")
+    return 0
+
+
+def _adopt(args: argparse.Namespace) -> int:
+    settings = _shared_store_settings(args.config, "files adopt")
+    if settings is None:
+        return 2
+    tenant = next((t for t in settings.tenants if t.name == args.tenant), None)
+    if tenant is None:
+        print(f"files-proxy: files adopt: no tenant named {args.tenant!r} in the config", file=sys.stderr)
+        return 2
+    wanted = None if args.unowned else args.file_ids
+    owners = _run_against_upstream(settings, "files adopt", lambda s, u: adopt(s, u, tenant, wanted))
+    if owners is None:
+        return 1
+    for file_id, owner in owners.items():
+        if owner is None:
+            print(f"{file_id}: no such file upstream")
+        elif owner == tenant.name:
+            print(f"{file_id}: adopted by {owner}")
+        else:
+            print(f"{file_id}: owned by {owner} (unchanged)")
+    return 0
+
+
+def _shared_store_settings(config: Path, command: str) -> Settings | None:
+    """Settings with secrets, if the store is one the proxies share (memory:// is per process)."""
+    settings = load_settings(config)
+    if settings.cache.url == "memory://":
+        print(
+            f"files-proxy: {command}: cache.url is memory://, so each proxy keeps its own owner records"
+            " (the proxy reconciles them itself every ownership.reconcile_interval_s)",
+            file=sys.stderr,
+        )
+        return None
+    return settings
+
+
+def _run_against_upstream(
+    settings: Settings, command: str, work: Callable[[RedisStore, UpstreamClient], Awaitable[_T]]
+) -> _T | None:
+    """Run `work` with the store and an upstream client; None (and why, on stderr) if either failed."""
+    try:
+        return asyncio.run(_with_upstream(settings, work))
+    except ProxyError as exc:
+        print(f"files-proxy: {command}: {exc.message}", file=sys.stderr)
+    except CacheUnavailableError:
+        print(
+            f"files-proxy: {command}: the store at {_without_password(settings.cache.url)} is unavailable",
+            file=sys.stderr,
+        )
+    return None
+
+
+async def _with_upstream(
+    settings: Settings, work: Callable[[RedisStore, UpstreamClient], Awaitable[_T]]
+) -> _T:
+    store = open_store(settings.cache.url, timeout_s=5.0)
+    upstream = UpstreamClient(settings.upstream)
+    await upstream.open()
+    try:
+        return await work(store, upstream)
+    finally:
+        await upstream.aclose()
         await store.aclose()

@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator, model_validator
@@ -187,10 +187,14 @@ class CacheConfig(_Section):
     negative_ttl_s: Annotated[int, Field(ge=0)] = 5
     collapse_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     # How long a hit may be answered from this process's memory: the bound on how late an upload or
-    # delete through another replica is seen here. 0 turns the in-process copy off.
+    # delete through another replica is seen here once it is in the store. 0 turns the copy off.
     local_ttl_s: Annotated[float, Field(ge=0, le=60)] = 1.0
+    # The store time one request's cache calls may spend together (a hit: one call, a miss: up to 3).
     timeout_s: Annotated[float, Field(gt=0)] = 1.0
     max_connections: Annotated[int, Field(ge=1)] = 50
+    # A file (on the pod's volume) where invalidations held while the store is away are kept, so a
+    # restart before it returns loses none; "": held in memory only.
+    journal_path: str = ""
     # The embedded store's cap: past it, cache entries go least recently used first (as Redis with
     # maxmemory and volatile-lru); usage counters are never evicted.
     memory_max_bytes: Annotated[int, Field(ge=1)] = 268_435_456
@@ -217,6 +221,11 @@ class _TenantFile(_Section):
     rate_limit_per_minute: Annotated[int, Field(ge=1)] | None = None
     rate_limit_burst: Annotated[int, Field(ge=1)] | None = None
     max_upstream_connections: Annotated[int, Field(ge=1)] | None = None
+    # "own": only the files this team uploaded; "all": the whole workspace. Default: "own" when
+    # another tenant uses the same Anthropic key, else "all".
+    files: Literal["own", "all"] | None = None
+    storage_quota_bytes: Annotated[int, Field(ge=0)] | None = None
+    max_files: Annotated[int, Field(ge=0)] | None = None
 
     @field_validator("client_key_sha256")
     @classmethod
@@ -264,6 +273,17 @@ class UiConfig(_Section):
     session_ttl_s: Annotated[int, Field(ge=60, le=30 * 86400)] = 28800
 
 
+class OwnershipConfig(_Section):
+    # Reconciliation with the upstream listing (files deleted directly or expired); 0: never.
+    reconcile_interval_s: Annotated[int, Field(ge=0)] = 3600
+    # Upstream list pages one `own` list request may read to find a page holding the team's files.
+    max_list_pages: Annotated[int, Field(ge=1, le=100)] = 10
+    # How long a quota reservation outlives a replica that crashed during the upload.
+    reservation_ttl_s: Annotated[int, Field(ge=60)] = 3600
+    # How often storage per team is read for the metrics gauges.
+    storage_refresh_s: Annotated[float, Field(gt=0)] = 15.0
+
+
 class _ConfigFile(_Section):
     upstream: UpstreamConfig = UpstreamConfig()
     cache: CacheConfig = CacheConfig()
@@ -272,6 +292,7 @@ class _ConfigFile(_Section):
     admin: AdminConfig = AdminConfig()
     usage: UsageConfig = UsageConfig()
     ui: UiConfig = UiConfig()
+    ownership: OwnershipConfig = OwnershipConfig()
     tenants: Annotated[list[_TenantFile], Field(min_length=1)]
 
 
@@ -294,6 +315,10 @@ class Tenant:
     rate_limit: RateLimit | None = None
     # Upstream requests this team may have open at once; None: half of `upstream.max_connections`.
     max_upstream_connections: int | None = None
+    # "own" or "all"; None: "own" when another tenant shares the Anthropic key (see ownership.py).
+    files: Literal["own", "all"] | None = None
+    storage_quota_bytes: int | None = None
+    max_files: int | None = None
     # Cache entries are scoped by the upstream key's hash, never by the key itself.
     cache_scope: str = field(init=False, repr=False, compare=False)
 
@@ -311,6 +336,7 @@ class Settings:
     admin: AdminConfig = AdminConfig()
     usage: UsageConfig = UsageConfig()
     ui: UiConfig = UiConfig()
+    ownership: OwnershipConfig = OwnershipConfig()
 
 
 def hash_key(key: str) -> str:
@@ -351,6 +377,7 @@ def load_settings(
         admin=parsed.admin,
         usage=parsed.usage,
         ui=parsed.ui,
+        ownership=parsed.ownership,
     )
 
 
@@ -413,6 +440,9 @@ def _resolve_tenant(
         api_key=api_key,
         rate_limit=rate_limit,
         max_upstream_connections=tenant.max_upstream_connections,
+        files=tenant.files,
+        storage_quota_bytes=tenant.storage_quota_bytes,
+        max_files=tenant.max_files,
     )
 
 

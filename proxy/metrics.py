@@ -6,16 +6,17 @@ collapsed to a few values: nothing a client sends can create a new time series.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from proxy.access import RequestRecord
+from proxy.ownership import TeamStorage
 
 _METHODS = frozenset({"GET", "POST", "DELETE"})
 _LATENCY_BUCKETS = (
@@ -40,8 +41,13 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 class Metrics:
     def __init__(
-        self, cache_available: Callable[[], bool], access_lines_dropped: Callable[[], int] = lambda: 0
+        self,
+        cache_available: Callable[[], bool],
+        access_lines_dropped: Callable[[], int] = lambda: 0,
+        storage: Callable[[], Sequence[TeamStorage]] = list,
     ) -> None:
+        """`storage` returns the last storage figures read (refreshed in the background, so a scrape
+        does no store work)."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "files_proxy_requests",
@@ -95,6 +101,7 @@ class Metrics:
                 access_lines_dropped,
             )
         )
+        self.registry.register(_StorageGauges(storage))
         self.usage_flushes = Counter(
             "files_proxy_usage_flushes",
             "Writes of usage counters to the store, by outcome (a failed one is retried).",
@@ -150,3 +157,22 @@ class _CounterReadAtScrape(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self._name, self._documentation, value=self._read())
+
+
+class _StorageGauges(Collector):
+    """Files and bytes each team holds, by workspace and tenant (both from config)."""
+
+    def __init__(self, read: Callable[[], Sequence[TeamStorage]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["workspace", "tenant"]
+        files = GaugeMetricFamily("files_proxy_storage_files", "Live files a team holds.", labels=labels)
+        held = GaugeMetricFamily(
+            "files_proxy_storage_bytes", "Bytes of live files a team holds.", labels=labels
+        )
+        for row in self._read():
+            files.add_metric([row.workspace, row.tenant], row.files)
+            held.add_metric([row.workspace, row.tenant], row.bytes)
+        yield files
+        yield held

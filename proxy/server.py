@@ -192,6 +192,8 @@ def server_config(app: Any, log_level: str, bounds: ServerConfig) -> uvicorn.Con
         # and read as errors; the CLI says where it listens itself, so they show at debug only.
         log_level="warning" if log_level == "info" else log_level,
         server_header=False,
+        # The client address is the TCP peer's: no X-Forwarded-For is trusted (nor its middleware run).
+        proxy_headers=False,
         access_log=False,
         timeout_keep_alive=bounds.keep_alive_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=bounds.shutdown_grace_s,

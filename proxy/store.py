@@ -1,9 +1,11 @@
 """The store: Redis through redis-py's asyncio client; `memory://` is an in-process fakeredis server
 behind the same client class, so the embedded cache and real Redis share every line of this module.
 
-This is the only module that catches Redis errors. Each call has a short timeout, and a circuit
-breaker stops calling a store that keeps failing, so a dead Redis costs a request nothing but a
-skipped cache. Every failure becomes `CacheUnavailableError`, which callers treat as a miss.
+This is the only module that catches Redis errors. `timeout_s` bounds the store calls made inside
+one `request_budget()` (a request's: they share it, however many there are) and each call outside one; a
+circuit breaker stops calling a store that keeps failing, and after its cool-down lets one probe
+through (half-open), so a dead Redis costs a request nothing but a skipped cache. Every failure
+becomes `CacheUnavailableError`, which callers treat as a miss.
 
 `memory://` is bounded as Redis is with `maxmemory` and `volatile-lru`: a `MemoryBudget` counts what
 the writes store and names least recently used cache entries to delete past `cache.memory_max_bytes`,
@@ -16,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import fakeredis
@@ -27,13 +30,31 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from proxy.cache import Bump, CappedAdd, Delete, Expire, HashIncrement, HashSet, Put, Write
+from proxy.cache import Bump, CappedAdd, Delete, Expire, GuardedWrites, HashIncrement, HashSet, Put, Write
 from proxy.memory_budget import MemoryBudget
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_MAX_BYTES = 256 * 1024 * 1024
 _SWEEP_INTERVAL_S = 1.0
+# GuardedWrites: apply hash sets and expiries only while the guard key holds the expected value ("":
+# missing). ARGV: expected, then per key: "h" field value | "e" ttl | "n" ttl (expire only if unset).
+_GUARDED_LUA = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+local at = 2
+for k = 2, #KEYS do
+  local op = ARGV[at]
+  if op == 'h' then
+    redis.call('HSET', KEYS[k], ARGV[at + 1], ARGV[at + 2])
+    at = at + 3
+  else
+    if op == 'n' then redis.call('EXPIRE', KEYS[k], ARGV[at + 1], 'NX')
+    else redis.call('EXPIRE', KEYS[k], ARGV[at + 1]) end
+    at = at + 2
+  end
+end
+return 1
+"""
 
 
 class CacheUnavailableError(Exception):
@@ -41,7 +62,9 @@ class CacheUnavailableError(Exception):
 
 
 class CircuitBreaker:
-    """Opens after `threshold` failures in a row; after `cooldown_s` lets calls try again."""
+    """Opens after `threshold` failures in a row; after `cooldown_s` lets one probe through (half-open):
+    its success closes the breaker, its failure opens it for another cool-down. Meanwhile every other
+    call is skipped, so a store that is still away costs one call per cool-down, not one per request."""
 
     def __init__(
         self, threshold: int = 3, cooldown_s: float = 2.0, clock: Callable[[], float] = time.monotonic
@@ -51,26 +74,48 @@ class CircuitBreaker:
         self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
+        self._probing = False
 
     @property
     def is_open(self) -> bool:
         return self._opened_at is not None
 
     def allows_call(self) -> bool:
-        return self._opened_at is None or self._clock() - self._opened_at >= self._cooldown_s
+        """Whether a call may go to the store now; True once per cool-down while open (the probe)."""
+        if self._opened_at is None:
+            return True
+        if self._probing or self._clock() - self._opened_at < self._cooldown_s:
+            return False
+        self._probing = True
+        return True
 
     def succeeded(self) -> None:
         if self._opened_at is not None:
             logger.warning("cache store is back; caching resumes")
         self._failures = 0
         self._opened_at = None
+        self._probing = False
 
     def failed(self) -> None:
         self._failures += 1
-        if self._failures >= self._threshold:
+        if self._failures >= self._threshold or self._probing:
             if self._opened_at is None:
                 logger.warning("cache store unavailable; serving without cache until it returns")
             self._opened_at = self._clock()
+        self._probing = False
+
+    def abandoned(self) -> None:
+        """A call ended without an answer either way (cancelled): a probe may go again."""
+        self._probing = False
+
+
+class _Budget:
+    """What is left of one request's store time."""
+
+    __slots__ = ("remaining_s",)
+
+    def __init__(self, remaining_s: float) -> None:
+        self.remaining_s = remaining_s
 
 
 Client = redis.Redis | RedisCluster
@@ -93,12 +138,27 @@ class RedisStore:
         self._sweeper: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
         self._timeout_s = timeout_s
+        # The budget of the request (task) in progress, if it opened one.
+        self._request_time: ContextVar[_Budget | None] = ContextVar("store_budget", default=None)
         # At most this many calls at once, each waiting within its timeout for a turn: a blocking
         # pool for every kind of store (redis-py's Cluster pool raises at once when exhausted).
         self._slots = asyncio.Semaphore(max_connections)
         self.breaker = breaker or CircuitBreaker()
         # Told "ok", "error" or "skipped" after every call, for metrics.
         self.on_call: Callable[[str], None] = lambda outcome: None
+
+    @contextlib.contextmanager
+    def request_budget(self) -> Iterator[None]:
+        """Every store call inside shares one `timeout_s` (one request's store time, however many
+        calls it makes); inside another budget, the outer one goes on."""
+        if self._request_time.get() is not None:
+            yield
+            return
+        token = self._request_time.set(_Budget(self._timeout_s))
+        try:
+            yield
+        finally:
+            self._request_time.reset(token)
 
     async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
         values: list[bytes | None] = await self._call(lambda: self._client.mget(keys))
@@ -112,6 +172,17 @@ class RedisStore:
             self.budget.used((key,))
         return values
 
+    async def get_or_start(self, key: str, value: bytes, ttl_s: int) -> bytes:
+        """The key's value; if it has none, `value` becomes it (SET NX GET: one round trip)."""
+        previous: bytes | None = await self._call(
+            lambda: self._client.set(key, value, ex=ttl_s, nx=True, get=True)
+        )
+        if previous is not None:
+            return previous
+        if self.budget is not None:
+            self.budget.wrote([Put(key, value, ttl_s)])
+        return value
+
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
         values: dict[bytes, bytes] = await self._call(lambda: self._client.hgetall(key))
         return values
@@ -124,14 +195,23 @@ class RedisStore:
         """
         if not writes:
             return
-        pipe, overflow_replies = self._pipeline(writes)
+        pipe, overflow_replies, guard_replies = self._pipeline(writes)
         replies = await self._call(pipe.execute)
         overflow = {
             write.key: [member.decode() for member in replies[at]]
             for at, write in overflow_replies
             if replies[at]
         }
-        evicted = self.budget.wrote(writes) if self.budget is not None else []
+        evicted: list[str] = []
+        if self.budget is not None:
+            skipped = {id(write) for at, write in guard_replies if not replies[at]}
+            applied = [
+                inner
+                for write in writes
+                if id(write) not in skipped
+                for inner in (write.writes if isinstance(write, GuardedWrites) else (write,))
+            ]
+            evicted = self.budget.wrote(applied)
         if overflow or evicted:
             # The writes are done; what this fails to drop still goes when its TTL ends.
             with contextlib.suppress(CacheUnavailableError):
@@ -190,12 +270,21 @@ class RedisStore:
 
     def _pipeline(
         self, writes: Sequence[Write]
-    ) -> tuple[redis.client.Pipeline | ClusterPipeline, list[tuple[int, CappedAdd]]]:
-        """The writes as one pipeline, and where in its replies each capped index's overflow is."""
+    ) -> tuple[
+        redis.client.Pipeline | ClusterPipeline, list[tuple[int, CappedAdd]], list[tuple[int, GuardedWrites]]
+    ]:
+        """The writes as one pipeline, and where in its replies each capped index's overflow and each
+        guarded group's outcome (1: applied) are."""
         pipe = self._client.pipeline(transaction=False)
         overflow_replies: list[tuple[int, CappedAdd]] = []
+        guard_replies: list[tuple[int, GuardedWrites]] = []
         for write in writes:
             match write:
+                case GuardedWrites(guard_key, expected, inner):
+                    keys, args = _guarded_arguments(guard_key, expected, inner)
+                    # EVAL, not EVALSHA: a restarted Redis has no script loaded, and the text is short.
+                    pipe.eval(_GUARDED_LUA, len(keys), *keys, *args)
+                    guard_replies.append((len(pipe) - 1, write))
                 case HashSet(key, field, value):
                     pipe.hset(key, field, value)
                 case Put(key, value, ttl_s, only_if_absent):
@@ -213,7 +302,7 @@ class RedisStore:
                     pipe.expire(key, ttl_s)
                     pipe.zrange(key, 0, -cap - 1)  # the members past the cap, lowest scores first
                     overflow_replies.append((len(pipe) - 1, write))
-        return pipe, overflow_replies
+        return pipe, overflow_replies, guard_replies
 
     async def _drop(self, overflow: dict[str, list[str]], evicted: list[str]) -> None:
         """Remove the pages capped indexes pushed out (with their index entries) and evicted keys.
@@ -241,18 +330,30 @@ class RedisStore:
                 await self.sweep()
 
     async def _call(self, operation: Callable[[], Any]) -> Any:
-        """Run one store call under the breaker and the timeout, translating every failure."""
+        """Run one store call under the breaker and the time left to it, translating every failure."""
+        budget = self._request_time.get()
+        timeout_s = self._timeout_s if budget is None else min(self._timeout_s, budget.remaining_s)
+        if timeout_s <= 0:
+            self.on_call("skipped")
+            raise CacheUnavailableError("the request's store time is spent")
         if not self.breaker.allows_call():
             self.on_call("skipped")
             raise CacheUnavailableError("circuit open")
+        started = time.monotonic()
         try:
-            async with asyncio.timeout(self._timeout_s), self._slots:
+            async with asyncio.timeout(timeout_s), self._slots:
                 value = await operation()
         except (RedisError, OSError, TimeoutError) as exc:
             logger.debug("store call failed: %r", exc)
             self.breaker.failed()
             self.on_call("error")
             raise CacheUnavailableError(type(exc).__name__) from exc
+        except BaseException:
+            self.breaker.abandoned()
+            raise
+        finally:
+            if budget is not None:
+                budget.remaining_s -= time.monotonic() - started
         self.breaker.succeeded()
         self.on_call("ok")
         return value
@@ -301,6 +402,20 @@ def open_store(
         url, max_connections=max_connections, timeout=timeout_s, **options
     )
     return RedisStore(redis.Redis(connection_pool=pool), timeout_s=timeout_s, max_connections=max_connections)
+
+
+def _guarded_arguments(
+    guard_key: str, expected: int | None, writes: Sequence[HashSet | Expire]
+) -> tuple[list[str], list[str | bytes | int]]:
+    keys = [guard_key]
+    args: list[str | bytes | int] = ["" if expected is None else str(expected)]
+    for write in writes:
+        keys.append(write.key)
+        if isinstance(write, HashSet):
+            args += ["h", write.field, write.value]
+        else:
+            args += ["n" if write.only_if_unset else "e", write.ttl_s]
+    return keys, args
 
 
 def _host_port(node: str, default_port: int) -> tuple[str, int]:

@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 UI_PATHS = frozenset({"/ui", "/ui/", "/ui/login", "/ui/logout"})
 COOKIE = "fp_ui_session"
-# Storage per team (issue 16): the current rows, one per tenant.
+# Storage per team: the current rows, one per tenant (files and bytes held now).
 StorageSource = Callable[[], Awaitable[Sequence[StorageRow]]]
 # Each day of a range is one store read; retention keeps 400 days.
 _MAX_RANGE_DAYS = 400
@@ -98,7 +98,7 @@ class UsagePage:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`settings` returns the current settings (they change on reload); `storage`, when given,
-        returns each team's storage, shown against its quotas (none yet: issue 16)."""
+        returns each team's storage (owner records, `ownership.py`), shown against its quotas."""
         self._settings = settings
         self._store = store
         self._usage = usage

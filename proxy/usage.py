@@ -17,13 +17,14 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from proxy.access import RequestRecord
 from proxy.cache import Delete, HashIncrement, Write
+from proxy.ownership import TeamStorage
 from proxy.store import CacheUnavailableError, RedisStore
 
 logger = logging.getLogger(__name__)
@@ -50,13 +51,17 @@ class UsageRow:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
 
 
-def usage_report(since: date, until: date, rows: list[UsageRow]) -> dict[str, Any]:
-    """The JSON shape shared by `GET /admin/usage` and `files-proxy usage --json`."""
+def usage_report(
+    since: date, until: date, rows: list[UsageRow], storage: Sequence[TeamStorage] = ()
+) -> dict[str, Any]:
+    """The JSON shape shared by `GET /admin/usage` and `files-proxy usage --json`; `storage` is what
+    each team holds now (files and bytes against its quotas, null when unset)."""
     return {
         "since": since.isoformat(),
         "until": until.isoformat(),
         "counters": list(COUNTERS),
         "rows": [{"workspace": r.workspace, "tenant": r.tenant, **r.counts} for r in rows],
+        "storage": [asdict(row) for row in storage],
     }
 
 

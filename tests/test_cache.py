@@ -18,6 +18,7 @@ from proxy.cache import (
     Entry,
     Expire,
     Freshness,
+    GuardedWrites,
     HashSet,
     Put,
     forward_status,
@@ -88,10 +89,33 @@ def test_equivalent_requests_share_a_list_key(one: dict[str, object], other: dic
 
 
 def test_keys_carry_the_scope_as_a_hash_tag_and_never_the_raw_workspace() -> None:
-    target = target_for(Operation.METADATA, "scope-a", "wrkspc_secretish", "v", [], "file_1", b"")
-    assert target.key.startswith("fp:{scope-a.") and target.key.endswith("}:file:file_1")
-    assert target.generation_key == "fp:{" + target.scope + "}:gen"
+    target = target_for(Operation.LIST, "scope-a", "wrkspc_secretish", "v", [], None, b"")
+    assert target.key.startswith("fp:{scope-a}:list:")
+    assert target.generation_key == "fp:{scope-a}:gen"
     assert "wrkspc_secretish" not in target.key
+
+
+@pytest.mark.parametrize(
+    ("workspace", "query"),
+    [
+        pytest.param("wrkspc_1", b"", id="workspace-header"),
+        pytest.param(None, b"beta=true", id="beta-query"),
+        pytest.param("wrkspc_1", b"beta=true", id="both"),
+    ],
+)
+def test_request_forms_that_reach_one_workspace_are_variants_of_one_scope(
+    workspace: str | None, query: bytes
+) -> None:
+    """Answers stay apart, but one delete (file hash, generation) reaches every form."""
+    plain = target_for(Operation.METADATA, "s", None, *GA, "file_1", b"")
+    other = target_for(Operation.METADATA, "s", workspace, *GA, "file_1", query)
+    deleted = target_for(Operation.DELETE, "s", workspace, *GA, "file_1", query)
+    assert other.variant != plain.variant
+    assert other.scope == plain.scope == deleted.scope
+    assert other.key == plain.key == deleted.key
+    assert other.generation_key == plain.generation_key
+    listed = target_for(Operation.LIST, "s", workspace, *GA, None, query)
+    assert listed.variant != target_for(Operation.LIST, "s", None, *GA, None, b"").variant
 
 
 def test_metadata_variants_share_one_hash_so_a_delete_drops_them_all() -> None:
@@ -179,24 +203,29 @@ def test_a_list_page_is_stored_with_its_generation_and_fills_metadata() -> None:
 
     writes = POLICY.writes_for_answer(target, _answer(200, page), generation=4)
 
-    put = writes[0]
+    put = writes[1]
     assert isinstance(put, Put) and put.key == target.key and put.ttl_s == 40
-    assert writes[1] == CappedAdd("fp:{s}:pages", target.key, 1000.0, 3, 40)
+    assert writes[2] == CappedAdd("fp:{s}:pages", target.key, 1000.0, 3, 40)
     stored = Entry.unpack(put.value)
     assert (stored.generation, stored.fresh_until, stored.stale_until) == (4, 1010.0, 1040.0)
     assert dict(stored.headers) == {"content-type": "application/json", "request-id": "req_up"}
-    filled = {w.key: w for w in writes if isinstance(w, HashSet)}
+    [guarded] = [w for w in writes if isinstance(w, GuardedWrites)]
+    assert (guarded.guard_key, guarded.expected) == ("fp:{s}:gen", 4)
+    filled = {w.key: w for w in guarded.writes if isinstance(w, HashSet)}
     assert set(filled) == {"fp:{s}:file:file_1", "fp:{s}:file:file_2"}
     assert json.loads(Entry.unpack(filled["fp:{s}:file:file_1"].value).body) == _file_json("file_1")
-    assert Expire("fp:{s}:file:file_1", 100) in writes
+    assert Expire("fp:{s}:file:file_1", 100) in guarded.writes
 
 
 def test_a_page_fetched_while_the_scope_has_no_generation_starts_one() -> None:
-    """A missing generation (never set, or evicted) starts at a random value, only if still missing."""
+    """A missing generation (never set, evicted or wiped) starts at a random value, only if still
+    missing; the page's file entries are guarded by "still missing", so they go before it starts."""
     target = target_for(Operation.LIST, "s", None, *GA, None, b"")
-    writes = POLICY.writes_for_answer(target, _answer(200, {"data": []}), generation=None)
-    assert writes[0] == Put("fp:{s}:gen", b"7", cache.GENERATION_TTL_S, only_if_absent=True)
-    page = writes[1]
+    writes = POLICY.writes_for_answer(target, _answer(200, {"data": [_file_json("f")]}), generation=None)
+    guarded = writes[0]
+    assert isinstance(guarded, GuardedWrites) and guarded.expected is None
+    assert writes[1] == Put("fp:{s}:gen", b"7", cache.GENERATION_TTL_S, only_if_absent=True)
+    page = writes[2]
     assert isinstance(page, Put) and Entry.unpack(page.value).generation == 7
 
 
@@ -217,11 +246,14 @@ def test_only_200s_and_metadata_404s_are_stored(
     operation: Operation, status: int, stored_ttl: int | None
 ) -> None:
     target = target_for(operation, "s", None, *GA, "file_1" if operation is Operation.METADATA else None, b"")
-    writes = POLICY.writes_for_answer(target, _answer(status, _file_json("file_1")), generation=0)
+    writes = POLICY.writes_for_answer(target, _answer(status, _file_json("file_1")), generation=3)
     if stored_ttl is None:
         assert writes == []
         return
-    [hash_set, expire] = writes
+    [guarded] = writes
+    # Stored only if no delete (or wipe) moved the scope's generation since it was read.
+    assert isinstance(guarded, GuardedWrites) and guarded.expected == 3
+    [hash_set, expire] = guarded.writes
     assert isinstance(hash_set, HashSet) and hash_set.field == target.variant
     assert Entry.unpack(hash_set.value).fresh_until == 1000.0 + stored_ttl
     # A negative answer must not shorten a hash that already holds a tombstone or other variants.

@@ -204,7 +204,7 @@ def test_a_delete_during_a_redis_outage_is_applied_when_redis_returns(
         client.files.delete(uploaded.id)
         redis_server.resume()
 
-        # The cached metadata survived in Redis, but the held invalidation is written first.
+        # The cached metadata survived in Redis; the held invalidation is written as soon as it answers.
         wait_for(lambda: httpx.get(f"{url}/readyz").json()["cache"] == "up")
         with pytest.raises(anthropic.NotFoundError):
             client.files.retrieve_metadata(uploaded.id)

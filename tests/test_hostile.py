@@ -9,6 +9,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -562,8 +563,11 @@ def test_a_chunked_upload_above_max_upload_bytes_is_cut_off_while_streaming(
     _assert_proxy_error(
         (response.status_code, dict(response.headers), response.content), 413, "request_too_large"
     )
-    wait_for(lambda: len(simulator.received) == 1, what="upstream request ended")
-    assert simulator.received[0].body_bytes < sum(len(c) for c in chunks)
+    # The cut may come before the upstream saw the request at all, or part-way through its body: give
+    # an upstream request that did start the time to end, then check it was cut short.
+    time.sleep(0.5)
+    assert len(simulator.received) <= 1
+    assert all(received.body_bytes < sum(len(c) for c in chunks) for received in simulator.received)
     assert simulator.uploads == {}
 
 

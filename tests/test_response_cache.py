@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 import pytest
@@ -41,6 +42,16 @@ class ScriptedStore:
     async def hmget(self, key: str, fields: Sequence[str]) -> list[bytes | None]:
         return [None for _ in fields]
 
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [None for _ in keys]
+
+    async def get_or_start(self, key: str, value: bytes, ttl_s: int) -> bytes:
+        return value
+
+    @contextlib.contextmanager
+    def request_budget(self) -> Iterator[None]:
+        yield
+
 
 def delete_target(file_id: str) -> Any:
     return target_for(Operation.DELETE, "scope", None, "2026-10-21", [], file_id, b"")
@@ -54,14 +65,17 @@ async def test_an_invalidation_held_during_the_flush_of_older_ones_is_not_lost()
 
     release = asyncio.Event()
     store.down, store.hold = False, release
-    flushing = asyncio.create_task(cache.invalidate(delete_target("b"), [Delete("b")]))
-    await asyncio.sleep(0)  # the held "a" is being written, and waits
+    while store.hold is not None:  # the background writer retries, and its write of "a" waits
+        await asyncio.sleep(0.01)
+    await cache.invalidate(delete_target("b"), [Delete("b")])  # behind "a": held, in order
     store.down = True  # the breaker opens again before that write returns
-    await cache.invalidate(delete_target("c"), [Delete("c")])  # held again
+    await cache.invalidate(delete_target("c"), [Delete("c")])
     store.down = False
     release.set()
-    await flushing
-    await cache.invalidate(delete_target("d"), [Delete("d")])  # writes what is held first
+    while cache.held:
+        await asyncio.sleep(0.01)
+    await cache.invalidate(delete_target("d"), [Delete("d")])  # nothing held: written at once
+    await cache.aclose()
 
     assert store.written == [Delete("a"), Delete("b"), Delete("c"), Delete("d")]
 

@@ -251,6 +251,9 @@ def test_the_admin_sees_every_team_and_follows_a_link_to_one(
         row = browser.find_elements(By.CSS_SELECTOR, f'tr[data-team="{team}"] td[data-counter="requests"]')
         assert int(row[0].get_attribute("data-value") or 0) == usage[team]["requests"]
     everyone = {counter: sum(team[counter] for team in usage.values()) for counter in usage["alpha"]}
+    storage = httpx.get(f"{site.url}/admin/usage", headers={"x-api-key": ADMIN_KEY}).json()["storage"]
+    everyone["storage_files"] = sum(row["files"] for row in storage)  # what the teams hold now
+    everyone["storage_bytes"] = sum(row["bytes"] for row in storage)
     assert totals_row(browser) == everyone
     saved = browser.find_element(By.CSS_SELECTOR, '[data-summary="saved"]')
     assert int(saved.get_attribute("data-value") or 0) == everyone["cache_hits"] > 0
