@@ -141,6 +141,28 @@ def test_own_listing_is_exactly_own_uploads_across_pages(world: World) -> None:
         assert list(client.files.list()) == []
 
 
+_SDK_1_1 = Path(__file__).resolve().parent.parent / ".venv-sdk-1.1" / "bin" / "python"
+
+
+def test_python_sdk_1_1_beta_auto_pagination_yields_exactly_the_teams_files(world: World) -> None:
+    """The real SDK 1.1 (its own venv, made by scripts/ensure-python-sdk-1.1), whose beta pagination
+    follows `last_id` and stops on an empty page: two upstream pages hold none of red's files."""
+    assert _SDK_1_1.exists(), "run scripts/ensure-python-sdk-1.1"
+    red = [world.upload("red", "r1"), world.upload("red", "r2")]
+    blue = [world.upload("blue", f"b{i}") for i in range(4)]
+    red.append(world.upload("red", "r3"))
+    for team, expected in (("red", red), ("blue", blue)):
+        listed = subprocess.run(
+            [str(_SDK_1_1), str(Path(__file__).parent / "sdk11" / "list_files.py"), world.url, "2"],
+            env={**os.environ, "FILES_PROXY_KEY": TEAMS[team]},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert json.loads(listed.stdout) == list(reversed(expected)), team
+
+
 def beta_walk(url: str, key: str, limit: int) -> list[str]:
     """Auto-pagination of the beta list as SDK 1.1 does it (`SyncPage`): `after_id` = `last_id`, and
     it stops at `has_more: false` or an empty page."""
