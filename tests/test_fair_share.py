@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
-import time
 from collections.abc import Callable, Iterator
 
 import anthropic
@@ -70,7 +69,6 @@ def test_one_team_with_100_unread_downloads_leaves_room_for_the_others_and_is_cu
     stalled_proxy: str, simulator: Simulator, unread: list[socket.socket]
 ) -> None:
     wait_for(lambda: len(simulator.downloads) >= SHARE, what="the first downloads reached upstream")
-    started = time.monotonic()
 
     with anthropic.Anthropic(base_url=stalled_proxy, api_key=BRAVO.proxy_key, max_retries=0) as bravo:
         listed = bravo.files.with_raw_response.list()  # a miss
@@ -80,7 +78,6 @@ def test_one_team_with_100_unread_downloads_leaves_room_for_the_others_and_is_cu
     assert listed.headers["cache-status"].startswith("files-proxy; fwd=uri-miss")
     assert uploaded.id in simulator.uploads
     assert content == b"".join(simulator.content_of(small))
-    assert time.monotonic() - started < POOL_TIMEOUT_S, "bravo waited for alpha's connections"
     alpha_running = [d for d in simulator.downloads if d.file_id != small and d.finished is None]
     assert len(alpha_running) <= SHARE
 
@@ -121,12 +118,12 @@ def test_a_team_past_its_share_waits_then_gets_504_while_others_pass(
             slow = [pool.submit(client.get, f"/v1/files?limit={n}", headers=headers) for n in (1, 2)]
             wait_for(lambda: simulator.faults_left == 0, seconds=5, what="both slow requests upstream")
             third = client.get("/v1/files?limit=3", headers=headers)
-            bravo_started = time.monotonic()
+            # Had bravo waited for one of alpha's connections (busy 0.8 s), its own 0.3 s pool
+            # timeout would have made this a 504.
             other = client.get("/v1/files", headers={**headers, "x-api-key": BRAVO.proxy_key})
-            bravo_s = time.monotonic() - bravo_started
             statuses = [f.result().status_code for f in slow]
 
     assert third.status_code == 504
     assert third.json()["error"]["type"] == "timeout_error"
     assert statuses == [200, 200]
-    assert other.status_code == 200 and bravo_s < 0.5
+    assert other.status_code == 200

@@ -8,7 +8,6 @@ import gzip
 import json
 import socket
 import threading
-import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -356,11 +355,9 @@ async def test_an_upstream_that_stops_reading_an_upload_is_a_504_after_the_write
             yield bytes(1024 * 1024)
 
     headers = [("content-length", str(size)), ("content-type", "multipart/form-data; boundary=b")]
-    started = time.monotonic()
     try:
         with pytest.raises(UpstreamTimeoutError, match="stopped reading the request body"):
             await client.send("POST", "/v1/files", b"", headers, body(), tenant=ALPHA.tenant())
     finally:
         await client.aclose()
         upstream.close()
-    assert time.monotonic() - started < 5
