@@ -6,56 +6,28 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import trustme
-import uvicorn
 from starlette.types import ASGIApp
 
-from tests.support import free_port
+from tests.support import Served, free_port
 
 
-class ServedTLS:
-    """An ASGI app under uvicorn over TLS, in a thread of this process, with a certificate for
-    127.0.0.1 and localhost issued by `ca`."""
+class ServedTLS(Served):
+    """`Served` over TLS, with a certificate for 127.0.0.1 and localhost issued by `ca`."""
 
     def __init__(self, app: ASGIApp, ca: trustme.CA, folder: Path) -> None:
+        super().__init__(app)
         cert = ca.issue_cert("127.0.0.1", "localhost")
         cert_file, key_file = folder / "server-chain.pem", folder / "server-key.pem"
         for index, pem in enumerate(cert.cert_chain_pems):
             pem.write_to_path(str(cert_file), append=index > 0)
         cert.private_key_pem.write_to_path(str(key_file))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
+        # Read when the server loads its config, as it starts.
+        self.server.config.ssl_certfile, self.server.config.ssl_keyfile = str(cert_file), str(key_file)
         self.url = f"https://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            ssl_certfile=str(cert_file),
-            ssl_keyfile=str(key_file),
-            log_config=None,
-            log_level="warning",
-            lifespan="off",
-        )
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self._listener]}, daemon=True
-        )
-
-    def __enter__(self) -> ServedTLS:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("TLS server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=15)
-        self._listener.close()
 
 
 def write_ca(ca: trustme.CA, path: Path) -> Path:
