@@ -20,8 +20,8 @@ import trustme
 import uvicorn
 from starlette.types import ASGIApp
 
+from files_api_simulator import create_app
 from proxy.server import bind_listener, run_on_server_loop
-from proxy.simulator import create_app
 
 
 class _Server(uvicorn.Server):

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import HttpUrl
@@ -27,10 +27,12 @@ from proxy.errors import ProxyError
 from proxy.ownership import TeamStorage, read_totals, sees_all, storage_rows
 from proxy.reconcile import adopt, reconcile
 from proxy.server import ListenError, bind_listener, listener_url, run_on_server_loop, run_servers
-from proxy.simulator import Simulator
 from proxy.store import CacheUnavailableError, RedisStore, open_store
 from proxy.upstream import UpstreamClient
 from proxy.usage import COUNTERS, UsageRow, read_usage, usage_report
+
+if TYPE_CHECKING:
+    from files_api_simulator import Simulator
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _T = TypeVar("_T")
@@ -215,7 +217,25 @@ def _hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulator_class() -> type[Simulator] | None:
+    """The simulator's class, or None (with one line said) when its package is not installed: it is
+    its own package (`simulator/`), which a production install leaves out."""
+    try:
+        from files_api_simulator import Simulator
+    except ImportError:
+        print(
+            "files-proxy: the Files API simulator is not installed; install it with"
+            f" {Path(sys.executable).parent / 'pip'} install -e ./simulator (from the repository)",
+            file=sys.stderr,
+        )
+        return None
+    return Simulator
+
+
 def _simulate(args: argparse.Namespace) -> int:
+    Simulator = _simulator_class()
+    if Simulator is None:
+        return 2
     listener = bind_listener(args.host, args.port)
     print(f"Files API simulator on {listener_url(listener)} (any API key is accepted)", flush=True)
     run_on_server_loop(
@@ -227,6 +247,9 @@ def _simulate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     proxy_key = "fp-demo-" + secrets.token_urlsafe(24)
     upstream_key = "sk-ant-demo-" + secrets.token_hex(16)
+    Simulator = _simulator_class()
+    if Simulator is None:
+        return 2
     simulator = Simulator()
     file_id = simulator.add_file(
         upstream_key, filename="example-output.bin", size_bytes=4096, downloadable=True

@@ -11,9 +11,9 @@ import anthropic
 import pytest
 from pydantic import HttpUrl
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.config import CacheConfig, LimitsConfig, Settings, UpstreamConfig
-from proxy.simulator import Simulator
 from tests.support import (
     ALL_SECRETS,
     ALPHA,

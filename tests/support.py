@@ -18,10 +18,10 @@ import uvicorn
 from pydantic import HttpUrl
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.config import CacheConfig, LimitsConfig, ServerConfig, Settings, Tenant, UpstreamConfig, hash_key
 from proxy.server import bind_listener, server_config
-from proxy.simulator import Simulator
 from proxy.store import RedisStore
 
 

@@ -23,11 +23,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import HttpUrl
 
+from files_api_simulator import Simulator
 from proxy.access import BatchedStdout, RequestRecord, _timestamp, access_logger, log_access, start_access_log
 from proxy.app import create_app
 from proxy.config import AdminConfig, CacheConfig, RateLimit, Settings, UpstreamConfig, UsageConfig
 from proxy.metrics import Metrics
-from proxy.simulator import Simulator
 from tests.support import (
     ALL_SECRETS,
     ALPHA,

@@ -16,12 +16,12 @@ import pytest
 import redis
 from pydantic import HttpUrl
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.cache import BYPASS_STATUS, CachePolicy, Delete, Entry, Write, target_for
 from proxy.caching import ResponseCache
 from proxy.config import CacheConfig, Settings, UpstreamConfig
 from proxy.routes import Operation
-from proxy.simulator import Simulator
 from proxy.store import CacheUnavailableError, CircuitBreaker, RedisStore, open_store
 from tests.relay import Relay
 from tests.support import ALPHA, BRAVO, RedisServer, Served, wait_for

@@ -10,7 +10,7 @@ import anthropic
 import httpx
 import pytest
 
-from proxy.simulator import Simulator
+from files_api_simulator import Simulator
 from tests.support import ALPHA, BRAVO, FakeClock, RedisServer, wait_for
 
 BETA = "files-api-2025-04-14"

@@ -15,10 +15,10 @@ import pytest
 import trustme
 from pydantic import HttpUrl
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.cli import main
 from proxy.config import ConfigError, EgressProxy, Settings, UpstreamConfig, load_settings
-from proxy.simulator import Simulator
 from tests.support import ALPHA, BRAVO, Served, config_toml, team_environment
 from tests.upstream_support import ServedTLS, TinyProxy, write_ca
 

@@ -13,7 +13,7 @@ import anthropic
 import httpx
 import pytest
 
-from proxy.simulator import Simulator
+from files_api_simulator import Simulator
 from tests.support import ALPHA, BRAVO, wait_for
 
 STALLED = 100

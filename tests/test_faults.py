@@ -13,7 +13,7 @@ import anthropic
 import httpx
 import pytest
 
-from proxy.simulator import Simulator
+from files_api_simulator import Simulator
 from tests.support import ALPHA, FakeClock, RedisServer, free_port, wait_for
 
 GA_HEADERS = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2026-10-21"}

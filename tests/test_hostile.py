@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from proxy.simulator import Simulator
+from files_api_simulator import Simulator
 from tests.support import ALL_SECRETS, ALPHA, BRAVO, SharedProxy, raw_http, wait_for
 
 MAX_UPLOAD_BYTES = 100_000

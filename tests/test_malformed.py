@@ -8,7 +8,7 @@ import anthropic
 import httpx
 import pytest
 
-from proxy.simulator import Simulator
+from files_api_simulator import Simulator
 from tests.support import ALPHA
 
 HTML = "<html><body>Gateway says hello</body></html>"

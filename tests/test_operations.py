@@ -17,11 +17,11 @@ import httpx
 import pytest
 from pydantic import HttpUrl
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.cache import Put, target_for
 from proxy.config import CacheConfig, Settings, UpstreamConfig
 from proxy.routes import Operation
-from proxy.simulator import Simulator
 from proxy.store import RedisStore, open_store
 from tests.support import (
     ALPHA,

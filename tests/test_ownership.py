@@ -21,10 +21,10 @@ import httpx
 import pytest
 import redis
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.cli import main
 from proxy.config import Settings, hash_key, load_settings
-from proxy.simulator import Simulator
 from tests.support import RedisServer, Served, free_port, wait_for
 
 SHARED_KEY, SOLO_KEY = "sk-ant-test-shared-5c0ffee", "sk-ant-test-solo-b1eed"

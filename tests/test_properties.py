@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.simulator import ReceivedRequest
+from files_api_simulator import ReceivedRequest
 from proxy.upstream import HOP_BY_HOP
 from tests.support import ALL_SECRETS, ALPHA, BRAVO, SharedProxy
 

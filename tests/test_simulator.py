@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-import proxy.simulator
-from proxy.simulator import Simulator, create_app
+import files_api_simulator.simulator
+from files_api_simulator import Simulator, create_app
 
 KEY_A = "sk-test-alpha"
 KEY_B = "sk-test-bravo"
@@ -174,7 +174,7 @@ async def test_malformed_uploads_are_400(
 async def test_upload_over_the_limit_is_413_and_the_body_is_still_read(
     client: httpx.AsyncClient, sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(proxy.simulator, "_MAX_UPLOAD_BYTES", 1000)
+    monkeypatch.setattr(files_api_simulator.simulator, "_MAX_UPLOAD_BYTES", 1000)
     body = _form((FILE_PART, b"y" * 1001))
 
     response = await client.post("/v1/files", headers=FORM, content=body)

@@ -17,12 +17,12 @@ import httpx
 import pytest
 import redis
 
+from files_api_simulator import Simulator
 from proxy.access import RequestRecord
 from proxy.cache import CachePolicy, Delete, Entry, HashIncrement, target_for
 from proxy.caching import ResponseCache
 from proxy.config import CacheConfig
 from proxy.routes import Operation
-from proxy.simulator import Simulator
 from proxy.store import RedisStore, open_store
 from proxy.usage import UsageCounter, read_usage
 from tests.support import ALPHA, BRAVO, RedisServer, free_port

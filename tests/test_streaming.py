@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from proxy.simulator import Simulator
+from files_api_simulator import Simulator
 from tests.support import ALPHA, WATCH, config_toml, free_port, team_environment, wait_until_up
 
 SIZE = 200 * 1024 * 1024

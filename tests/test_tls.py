@@ -15,9 +15,9 @@ import pytest
 import trustme
 from pydantic import HttpUrl
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.config import ConfigError, Settings, UpstreamConfig
-from proxy.simulator import Simulator
 from proxy.upstream import UpstreamClient
 from tests.support import ALPHA, BRAVO, Served
 from tests.upstream_support import ServedTLS, write_ca

@@ -20,6 +20,7 @@ from pydantic import HttpUrl
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.cache import CachePolicy
 from proxy.caching import ResponseCache
@@ -35,7 +36,6 @@ from proxy.config import (
 )
 from proxy.handler import FilesHandler
 from proxy.ratelimit import RateLimiter
-from proxy.simulator import Simulator
 from proxy.store import RedisStore
 from proxy.ui import UsagePage
 from proxy.ui_pages import AdminView, FilesPage, StorageRow, TeamView, admin_page, team_page

@@ -29,9 +29,9 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.config import AdminConfig, CacheConfig, Settings, UpstreamConfig, hash_key
-from proxy.simulator import Simulator
 from tests.support import ALPHA, BRAVO, WATCH, RedisServer, Served, free_port, team_simulator
 
 ADMIN_KEY = "fp-test-admin-browser-c4e2"

@@ -20,10 +20,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.config import Settings, UpstreamConfig
 from proxy.errors import UpstreamTimeoutError
-from proxy.simulator import Simulator
 from proxy.upstream import UpstreamClient, end_to_end
 from tests.support import ALPHA, BRAVO, Served, raw_http
 
