@@ -22,6 +22,8 @@ from typing import IO
 
 import httpx
 
+from bench.relay import answers as _relay_answers
+from bench.relay import send as _relay_send
 from proxy.config import hash_key
 
 _BENCH_DIR = Path(__file__).resolve().parent
@@ -56,6 +58,25 @@ class TlsSimulator:
     ca_file: Path
 
 
+@dataclass(frozen=True)
+class Relay:
+    """A TCP relay in front of Redis (`bench/relay.py`): point proxies at `url`, then `cut()` the link
+    (a partition: nothing is refused, bytes vanish) and `restore()` it."""
+
+    service: Service
+    control_port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.service.port}/0"
+
+    def cut(self) -> None:
+        _relay_send(self.control_port, "cut")
+
+    def restore(self) -> None:
+        _relay_send(self.control_port, "restore")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -69,6 +90,7 @@ class Services:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self._stack = contextlib.ExitStack()
+        self._processes: dict[int, subprocess.Popen[bytes]] = {}
 
     def __enter__(self) -> Services:
         return self
@@ -79,9 +101,24 @@ class Services:
     def close(self) -> None:
         self._stack.close()
 
-    def simulator(self, latency_ms: float) -> Service:
+    def stop(self, service: Service, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Stop one server now, not at `close()`: SIGTERM lets a proxy drain and keep its journal,
+        SIGKILL is a crash. Returns its exit status."""
+        process = self._processes.pop(service.pid)
+        _stop(process, sig)
+        return process.returncode
+
+    def _stop_unless_stopped(self, process: subprocess.Popen[bytes]) -> None:
+        """At `close()`: one `stop` already ended is left alone (its group id may be another's now)."""
+        if self._processes.get(process.pid) is process:
+            del self._processes[process.pid]
+            _stop(process)
+
+    def simulator(self, latency_ms: float, *, log_level: str = "info") -> Service:
+        """`log_level` "warning" keeps a long run's stderr to what went wrong."""
         port = free_port()
-        command = [_files_proxy(), "simulate", "--port", str(port), "--latency-ms", str(latency_ms)]
+        command = [_files_proxy(), "--log-level", log_level, "simulate", "--port", str(port)]
+        command += ["--latency-ms", str(latency_ms)]
         return self._spawn("simulator", command, port, ready=lambda url: _answers(f"{url}/_simulator/health"))
 
     def tls_simulator(self) -> TlsSimulator:
@@ -103,11 +140,12 @@ class Services:
         )
         return TlsSimulator(service, control_url, ca_file)
 
-    def redis(self) -> Service:
+    def redis(self, port: int | None = None) -> Service:
+        """redis-server without persistence; `port`: the one a killed Redis had, to bring it back."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run scripts/ensure-redis-server")
-        port = free_port()
+        port = port or free_port()
         command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         service = self._spawn("redis", command, port, cwd=self.workdir, ready=lambda url: _redis_pong(port))
         return Service("redis", f"redis://127.0.0.1:{port}/0", port, service.pid)
@@ -118,15 +156,39 @@ class Services:
         """`files-proxy serve` with a generated config; its access lines go to a file, as a real
         deployment writes them somewhere (logging stays on: it is part of the cost). `ca_file`: the
         private CA an HTTPS upstream's certificate is verified against (`upstream.ca_file`)."""
-        port = free_port()
-        config = self.workdir / f"{name}.toml"
-        config.write_text(_proxy_config(upstream_url, cache_url, keys, ca_file))
-        command = [_files_proxy(), "serve", "--config", str(config), "--port", str(port)]
-        env = {**os.environ, _UPSTREAM_KEY_ENV: keys.upstream_key}
+        config = _proxy_config(upstream_url, cache_url, keys, ca_file)
+        return self.proxy_with_config(name, config, {_UPSTREAM_KEY_ENV: keys.upstream_key})
+
+    def proxy_with_config(
+        self, name: str, config: str, secrets: dict[str, str], *, port: int | None = None
+    ) -> Service:
+        """`files-proxy serve` with this config text and these variables (the keys it names), on
+        `port` (a restarted replica takes its old one back). The config goes to `{name}.toml`, the
+        access lines to `{name}.access.log`, stderr to `{name}.stderr`: a restart needs a new name
+        to keep the first run's files."""
+        port = port or free_port()
+        config_file = self.workdir / f"{name}.toml"
+        config_file.write_text(config)
+        command = [_files_proxy(), "serve", "--config", str(config_file), "--port", str(port)]
         log = self.workdir / f"{name}.access.log"
         return self._spawn(
-            name, command, port, env=env, stdout=log, ready=lambda url: _answers(f"{url}/healthz")
+            name,
+            command,
+            port,
+            env={**os.environ, **secrets},
+            stdout=log,
+            ready=lambda url: _answers(f"{url}/healthz"),
         )
+
+    def relay(self, target_port: int) -> Relay:
+        """A relay to `target_port` (Redis) that the caller can cut and restore."""
+        port, control_port = free_port(), free_port()
+        command = [sys.executable, "-m", "bench.relay", "--port", str(port)]
+        command += ["--target-port", str(target_port), "--control-port", str(control_port)]
+        service = self._spawn(
+            "relay", command, port, cwd=_BENCH_DIR.parent, ready=lambda url: _relay_answers(control_port)
+        )
+        return Relay(service, control_port)
 
     def bare(self, bodies_file: Path) -> Service:
         port = free_port()
@@ -178,7 +240,8 @@ class Services:
             process = subprocess.Popen(
                 command, stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True
             )
-        self._stack.callback(_stop, process)
+        self._processes[process.pid] = process
+        self._stack.callback(self._stop_unless_stopped, process)
         url = f"{scheme}://127.0.0.1:{port}"
         deadline = time.monotonic() + 20
         while not ready(url):
@@ -201,10 +264,10 @@ def server_runtime(pid: int) -> str:
     return f"{loop}+{parser}"
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the whole process group (nginx has workers), then SIGKILL if it lingers."""
+def _stop(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM) -> None:
+    """`sig` to the whole process group (nginx has workers), then SIGKILL if it lingers."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
+        os.killpg(process.pid, sig)
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:

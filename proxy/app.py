@@ -9,34 +9,29 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
 
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from proxy.access import AccessMiddleware, log_access
+from proxy.access import log_access
 from proxy.auth import check_admin
 from proxy.cache import CachePolicy
 from proxy.caching import ResponseCache
-from proxy.config import ConfigError, Settings
-from proxy.errors import InvalidRequestError, ProxyError, error_response, new_request_id
+from proxy.config import ConfigError, Settings, sections_needing_restart
+from proxy.edge import ControlRoute, Edge
+from proxy.errors import InvalidRequestError
 from proxy.handler import FilesHandler
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.ownership import Ownership
-from proxy.ratelimit import RateLimiter
 from proxy.reconcile import run_upkeep
-from proxy.store import RedisStore, open_store
-from proxy.ui import UI_PATHS, UsagePage
+from proxy.store import Store, open_store
+from proxy.ui import UsagePage
 from proxy.ui_pages import StorageRow
 from proxy.upstream import UpstreamClient
 from proxy.usage import UsageCounter, read_usage, usage_report
 
 logger = logging.getLogger(__name__)
-
-
-_CONTROL_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/admin/usage", "/admin/reload"}) | UI_PATHS
 
 
 class ProxyApp:
@@ -54,7 +49,7 @@ def create_app(
     settings: Settings,
     *,
     load_settings: Callable[[], Settings] | None = None,
-    store: RedisStore | None = None,
+    store: Store | None = None,
     clock: Callable[[], float] = time.time,
     access_lines_dropped: Callable[[], int] = lambda: 0,
 ) -> ProxyApp:
@@ -78,7 +73,7 @@ def create_app(
         clock=clock,
     )
     ownership = Ownership(store, settings)
-    handler = FilesHandler(settings, upstream, cache, RateLimiter(store), ownership)
+    handler = FilesHandler(settings, store, upstream, cache, ownership)
     metrics = Metrics(
         cache_available=lambda: not store.breaker.is_open,
         access_lines_dropped=access_lines_dropped,
@@ -108,9 +103,8 @@ def create_app(
             raise ConfigError("this proxy was not started from a config file")
         new = await asyncio.to_thread(load_settings)
         handler.apply(new)
-        for section in ("upstream", "cache", "server", "usage"):
-            if getattr(new, section) != getattr(current, section):
-                logger.warning("config [%s] changed: it takes effect at the next restart", section)
+        for section in sections_needing_restart(current, new):
+            logger.warning("config [%s] changed: it takes effect at the next restart", section)
         current = new
         logger.info("config reloaded: %d tenants", len(new.tenants))
 
@@ -144,7 +138,7 @@ def create_app(
     ui = UsagePage(lambda: current, store, usage, handler, storage=storage_rows, clock=clock)
 
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: object) -> AsyncIterator[None]:
         def flushed(ok: bool) -> None:
             metrics.usage_flushes.labels("ok" if ok else "error").inc()
 
@@ -167,55 +161,23 @@ def create_app(
             await cache.aclose()
             await store.aclose()
 
-    files = _files_endpoint(handler.handle)
-    control = Starlette(
-        routes=[
-            Route("/healthz", _healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Route("/admin/usage", admin_usage, methods=["GET"]),
-            Route("/admin/reload", admin_reload, methods=["POST"]),
-            *ui.routes(),
-            # Another method on these paths: the Files handler answers 404 in the envelope.
-            Mount("", app=files),
-        ],
-        exception_handlers=dict(_ERROR_RENDERERS),
-        lifespan=lifespan,
-    )
-
-    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
-        """Files requests, nearly all of them, skip the router; every path but the control routes
-        is the Files handler's, which answers 404/405 itself. The lifespan goes to Starlette."""
-        if scope["type"] == "http" and scope["path"] not in _CONTROL_PATHS:
-            await files(scope, receive, send)
-        else:
-            await control(scope, receive, send)
-
-    recorded = AccessMiddleware(
-        dispatch,
+    control = [
+        ControlRoute("/healthz", {"GET": _healthz}, recorded=False),
+        ControlRoute("/readyz", {"GET": readyz}, recorded=False),
+        ControlRoute("/metrics", {"GET": metrics_endpoint}, recorded=False),
+        ControlRoute("/admin/usage", {"GET": admin_usage}),
+        ControlRoute("/admin/reload", {"POST": admin_reload}),
+        *ui.routes(),
+    ]
+    edge = Edge(
+        handler.handle,
+        control,
+        Router(lifespan=lifespan),
         [log_access, metrics.observe, usage.add],
         on_start=metrics.request_started,
         on_end=metrics.request_ended,
     )
-    return ProxyApp(recorded, reload)
-
-
-def _files_endpoint(handle: Callable[[Request], Awaitable[Response]]) -> ASGIApp:
-    """The Files handler as a plain ASGI app: the hot path skips Starlette's middleware and router
-    (about a fifth of a cache hit), and errors are rendered by the same functions."""
-
-    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive, send)
-        try:
-            response = await handle(request)
-        except Exception as exc:
-            render = next(render for kind, render in _ERROR_RENDERERS if isinstance(exc, kind))
-            response = await render(request, exc)
-            if render is _render_unexpected:
-                logger.exception("unexpected error while answering %s", request.method)
-        await response(scope, receive, send)
-
-    return endpoint
+    return ProxyApp(edge, reload)
 
 
 def _date_param(request: Request, name: str, default: date) -> date:
@@ -230,46 +192,3 @@ def _date_param(request: Request, name: str, default: date) -> date:
 
 async def _healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
-
-
-def _request_id(request: Request) -> str:
-    """The id the access middleware gave this request, so the log and the answer agree."""
-    request_id: str = getattr(request.state, "request_id", None) or new_request_id()
-    return request_id
-
-
-async def _render_proxy_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ProxyError)
-    response = error_response(exc.status_code, exc.error_type, exc.message, _request_id(request))
-    response.headers.update(exc.headers)
-    return response
-
-
-async def _render_http_exception(request: Request, exc: Exception) -> Response:
-    """Starlette's own answers (a request target that is no path, as in `OPTIONS *`: 404), enveloped."""
-    assert isinstance(exc, HTTPException)
-    error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    response = error_response(exc.status_code, error_type, exc.detail, _request_id(request))
-    response.headers.update(exc.headers or {})
-    return response
-
-
-async def _client_gone(request: Request, exc: Exception) -> Response:
-    """The client left mid-request; the upstream request was already abandoned with it."""
-    logger.info("client disconnected during the request")
-    return Response(status_code=499)
-
-
-async def _render_unexpected(request: Request, exc: Exception) -> Response:
-    """A bug of ours: the client still gets the envelope, never a traceback."""
-    return error_response(500, "api_error", "Internal error in files-proxy.", _request_id(request))
-
-
-_ErrorRenderer = Callable[[Request, Exception], Awaitable[Response]]
-# The first match wins, so the catch-all comes last.
-_ERROR_RENDERERS: tuple[tuple[type[Exception], _ErrorRenderer], ...] = (
-    (ProxyError, _render_proxy_error),
-    (HTTPException, _render_http_exception),
-    (ClientDisconnect, _client_gone),
-    (Exception, _render_unexpected),
-)

@@ -17,7 +17,6 @@ from starlette.datastructures import Headers
 from proxy.config import Tenant
 from proxy.errors import AuthenticationError
 
-CREDENTIAL_HEADERS = ("x-api-key", "authorization")
 _MAX_KEY_LENGTH = 512
 
 

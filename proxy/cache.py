@@ -35,21 +35,21 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from proxy.config import CacheConfig
-from proxy.routes import Operation
+from proxy.headers import replayed
+from proxy.reply import Reply
+from proxy.writes import Bump, CappedAdd, Delete, Expire, GuardedWrites, HashSet, Put, Write
 
 TOMBSTONE = "~deleted"
 # A tombstone must outlive any metadata or list fetch that was in flight when the file was deleted,
 # so that fetch cannot bring the file back. Upstream reads are bounded well below this.
 TOMBSTONE_TTL_S = 600
 GENERATION_TTL_S = 7 * 86400
-# Response headers worth replaying on a hit; the rest describe one connection.
-_REPLAYED = frozenset({"content-type", "request-id", "anthropic-organization-id", "anthropic-workspace-id"})
 _UPSTREAM_FAILURES = frozenset({500, 502, 503, 504, 529})
 # The list's parameters in both API generations (FILES_API.md); only `ids[]` may repeat, in order.
 _LIST_PARAMETERS = frozenset({"limit", "after_id", "before_id", "page", "scope_id", "beta"})
@@ -57,6 +57,14 @@ _IDS = "ids[]"
 _MAX_IDS = 100
 # Memos keyed by client bytes remember only keys this short, so they hold a fixed total size.
 _MEMO_MAX_KEY_BYTES = 256
+
+
+class TargetKind(Enum):
+    """What a request reads or changes in the cache: a list page, one file, or its scope (an upload)."""
+
+    LIST_PAGE = "list"
+    FILE = "file"
+    SCOPE = "scope"
 
 
 class Freshness(Enum):
@@ -94,6 +102,15 @@ class Entry:
         status, stored_at, fresh_until, stale_until, generation, headers = json.loads(meta)
         return cls(status, tuple(map(tuple, headers)), body, stored_at, fresh_until, stale_until, generation)
 
+    @classmethod
+    def fetched(cls, reply: Reply, now: float) -> Entry:
+        """An answer just read from upstream, not yet given a lifetime."""
+        return cls(reply.status, reply.headers, reply.body, now, now, now)
+
+    @property
+    def reply(self) -> Reply:
+        return Reply(self.status, self.headers, self.body)
+
     def freshness(self, now: float) -> Freshness:
         if now < self.fresh_until:
             return Freshness.FRESH
@@ -107,111 +124,10 @@ class Entry:
 
 
 @dataclass(frozen=True, slots=True)
-class HashSet:
-    key: str
-    field: str
-    value: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Put:
-    key: str
-    value: bytes
-    ttl_s: int
-    only_if_absent: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Expire:
-    key: str
-    ttl_s: int
-    only_if_unset: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Bump:
-    key: str
-    amount: int
-
-
-@dataclass(frozen=True, slots=True)
-class Delete:
-    key: str
-
-
-@dataclass(frozen=True, slots=True)
-class HashIncrement:
-    key: str
-    field: str
-    amount: int
-
-
-@dataclass(frozen=True, slots=True)
-class GuardedWrites:
-    """`writes` (hash sets and expiries only), applied atomically and only while `guard_key` still
-    holds `expected` (None: still missing)."""
-
-    guard_key: str
-    expected: int | None
-    writes: tuple[HashSet | Expire, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CappedAdd:
-    """Add `member`, itself a key, to the sorted set `key`; members ranked below the `cap` highest
-    scores are removed, and so are the keys they name."""
-
-    key: str
-    member: str
-    score: float
-    cap: int
-    ttl_s: int
-
-
-Write = HashSet | Put | Expire | Bump | Delete | HashIncrement | CappedAdd | GuardedWrites
-# What an invalidation (upload or delete) is made of, and so what the journal of held ones records.
-_JOURNALLED: dict[str, type[HashSet | Put | Expire | Bump | Delete]] = {
-    kind.__name__: kind for kind in (HashSet, Put, Expire, Bump, Delete)
-}
-
-
-def pack_invalidation(scope: str, writes: Sequence[Write]) -> bytes:
-    """One invalidation as a JSON line for the journal (bytes as latin-1 text, which round-trips)."""
-    items = [
-        [type(write).__name__]
-        + [
-            value.decode("latin-1") if isinstance(value, bytes) else value
-            for value in (getattr(write, field.name) for field in fields(write))
-        ]
-        for write in writes
-    ]
-    return json.dumps([scope, items], separators=(",", ":")).encode() + b"\n"
-
-
-def unpack_invalidation(line: bytes) -> tuple[str, tuple[Write, ...]]:
-    """The scope and writes of a journal line; ValueError if it is not one (a line cut by a crash)."""
-    try:
-        scope, items = json.loads(line)
-        writes: list[Write] = []
-        for name, *values in items:
-            kind = _JOURNALLED[name]
-            args = [
-                value.encode("latin-1") if field.type == "bytes" else value
-                for field, value in zip(fields(kind), values, strict=True)
-            ]
-            writes.append(kind(*args))
-    except (TypeError, KeyError, AttributeError) as exc:
-        raise ValueError("not a journal line") from exc
-    if not isinstance(scope, str):
-        raise ValueError("not a journal line")
-    return scope, tuple(writes)
-
-
-@dataclass(frozen=True, slots=True)
 class CacheTarget:
     """Where one request's answer lives in the cache."""
 
-    operation: Operation
+    kind: TargetKind
     scope: str
     variant: str
     key: str
@@ -228,7 +144,7 @@ class CacheTarget:
 
 
 def target_for(
-    operation: Operation,
+    kind: TargetKind,
     tenant_scope: str,
     workspace_id: str | None,
     anthropic_version: str | None,
@@ -243,16 +159,16 @@ def target_for(
     """
     scope = tenant_scope
     variant = _variant(anthropic_version, tuple(anthropic_betas), workspace_id or "", _beta_query(query))
-    if operation is Operation.LIST:
+    if kind is TargetKind.LIST_PAGE:
         query_hash = _query_hash(query)
         if query_hash is None:
-            return CacheTarget(operation=operation, scope=scope, variant=variant, key="", cacheable=False)
+            return CacheTarget(kind=kind, scope=scope, variant=variant, key="", cacheable=False)
         key = f"fp:{{{scope}}}:list:{variant}:{query_hash}"
     elif file_id is not None:
         key = f"fp:{{{scope}}}:file:{file_id}"
     else:
         key = ""  # an upload: only its scope and variant matter
-    return CacheTarget(operation=operation, scope=scope, variant=variant, key=key)
+    return CacheTarget(kind=kind, scope=scope, variant=variant, key=key)
 
 
 def _variant(
@@ -331,10 +247,6 @@ def is_upstream_failure(status: int) -> bool:
     return status in _UPSTREAM_FAILURES
 
 
-def replayed_headers(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    return tuple((name, value) for name, value in headers if name in _REPLAYED)
-
-
 class CachePolicy:
     """Lifetimes and caps from config, and the writes that store or invalidate answers."""
 
@@ -362,7 +274,7 @@ class CachePolicy:
         """
         if _forbids_storing(answer.headers):
             return []
-        if target.operation is Operation.LIST and answer.status == 200:
+        if target.kind is TargetKind.LIST_PAGE and answer.status == 200:
             ttl = self._config.list_ttl_s + self._config.stale_if_error_s
             listed = _listed_files(answer.body)
             if listed is None:
@@ -382,12 +294,12 @@ class CachePolicy:
                 CappedAdd(target.page_index_key, target.key, answer.stored_at, cap, ttl),
             ]
             return writes
-        if target.operation is Operation.METADATA and answer.status == 200:
+        if target.kind is TargetKind.FILE and answer.status == 200:
             if _file_id(answer.body) is None:
                 return []
             fill = self._file_writes(target.key, target.variant, answer, self._config.metadata_ttl_s)
             return _guarded(target, generation, fill)
-        if target.operation is Operation.METADATA and answer.status == 404:
+        if target.kind is TargetKind.FILE and answer.status == 404:
             fill = self._file_writes(target.key, target.variant, answer, self._config.negative_ttl_s)
             return _guarded(target, generation, fill)
         return []
@@ -443,7 +355,7 @@ def _with_lifetime(entry: Entry, fresh_until: float, stale_until: float, generat
     """The entry as stored: its lifetime set, and only the headers worth replaying."""
     return replace(
         entry,
-        headers=replayed_headers(entry.headers),
+        headers=replayed(entry.headers),
         fresh_until=fresh_until,
         stale_until=stale_until,
         generation=generation,
@@ -493,23 +405,71 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def hit_status(ttl: int) -> str:
-    return f"files-proxy; hit; ttl={ttl}"
+class CacheResult(Enum):
+    """The `cache` field of the access line and the metrics label."""
+
+    HIT = "hit"
+    MISS = "miss"
+    STALE = "stale"
+    BYPASS = "bypass"
+    NONE = "none"
 
 
-def forward_status(reason: str, *, stored: bool = False, collapsed: bool = False) -> str:
-    """`Cache-Status` (RFC 9211) for an answer that came from upstream."""
-    return (
-        "files-proxy; fwd=" + reason + ("; stored" if stored else "") + ("; collapsed" if collapsed else "")
-    )
+@dataclass(frozen=True, slots=True)
+class CacheOutcome:
+    """How the cache came by an answer, with what `Cache-Status` and `Age` say of it."""
+
+    result: CacheResult
+    # RFC 9211 `fwd`: why the answer came from upstream (None for a hit).
+    forward: str | None = None
+    stored: bool = False
+    collapsed: bool = False
+    detail: str | None = None
+    # A stale answer standing in for this upstream status (None: upstream unreachable).
+    upstream_status: int | None = None
+    ttl: int | None = None
+    # Seconds since the answer was stored: sent as `Age` for answers from the store.
+    age: int | None = None
+
+    @classmethod
+    def hit(cls, ttl: int, age: int) -> CacheOutcome:
+        return cls(CacheResult.HIT, ttl=ttl, age=age)
+
+    @classmethod
+    def fetched(
+        cls, *, stored: bool = False, collapsed: bool = False, no_cache: bool = False
+    ) -> CacheOutcome:
+        """From upstream on a miss (`uri-miss`), or because the client asked (`request`)."""
+        return cls(
+            CacheResult.MISS, "request" if no_cache else "uri-miss", stored=stored, collapsed=collapsed
+        )
+
+    @classmethod
+    def stale(cls, upstream_status: int | None, age: int) -> CacheOutcome:
+        return cls(CacheResult.STALE, "stale", upstream_status=upstream_status, age=age)
+
+    @classmethod
+    def bypass(cls, detail: str) -> CacheOutcome:
+        return cls(CacheResult.BYPASS, "bypass", detail=detail)
+
+    def cache_status(self) -> str:
+        parts = ["files-proxy"]
+        if self.result is CacheResult.HIT:
+            parts.append("hit")
+            if self.ttl is not None:
+                parts.append(f"ttl={self.ttl}")
+            return "; ".join(parts)
+        parts.append(f"fwd={self.forward}")
+        if self.upstream_status is not None:
+            parts.append(f"fwd-status={self.upstream_status}")
+        if self.stored:
+            parts.append("stored")
+        if self.collapsed:
+            parts.append("collapsed")
+        if self.detail is not None:
+            parts.append(f"detail={self.detail}")
+        return "; ".join(parts)
 
 
-def stale_status(upstream_status: int | None) -> str:
-    if upstream_status is None:
-        return "files-proxy; fwd=stale"
-    return f"files-proxy; fwd=stale; fwd-status={upstream_status}"
-
-
-METHOD_STATUS = forward_status("method")
-BYPASS_STATUS = "files-proxy; fwd=bypass; detail=cache-unavailable"
-UNCACHEABLE_STATUS = "files-proxy; fwd=bypass; detail=uncacheable-query"
+# Uploads, deletes and downloads: by their method, never from the cache.
+FORWARDED_BY_METHOD = CacheOutcome(CacheResult.NONE, "method")

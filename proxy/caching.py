@@ -11,7 +11,7 @@ appended to that file and replayed at the next start, so a restart while the sto
 none (replaying one already written is harmless: each is idempotent). Hits are copied for
 `local_ttl_s` into this process's memory (`local_cache.py`), which bounds how late another replica's
 delete is seen once it is in the store.
-All store calls of one read or invalidation share one `cache.timeout_s` (`RedisStore.request_budget`).
+All store calls of one read or invalidation share one `cache.timeout_s` (`CacheStore.request_budget`).
 A list query the policy cannot normalise is forwarded without looking anything up or storing it.
 """
 
@@ -28,26 +28,21 @@ from pathlib import Path
 from typing import BinaryIO
 
 from proxy.cache import (
-    BYPASS_STATUS,
     GENERATION_TTL_S,
     TOMBSTONE,
-    UNCACHEABLE_STATUS,
+    CacheOutcome,
     CachePolicy,
     CacheTarget,
     Entry,
     Freshness,
-    Write,
-    forward_status,
-    hit_status,
+    TargetKind,
     is_upstream_failure,
-    pack_invalidation,
-    stale_status,
-    unpack_invalidation,
 )
 from proxy.errors import ProxyError, UpstreamError
 from proxy.local_cache import LocalCache
-from proxy.routes import Operation
-from proxy.store import CacheUnavailableError, RedisStore
+from proxy.reply import Reply
+from proxy.store import CacheStore, CacheUnavailableError
+from proxy.writes import Write, pack_invalidation, unpack_invalidation
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +52,9 @@ _MAX_HELD = 100_000
 # `timeout_s`, so a backlog of any size drains chunk by chunk.
 _DRAIN_CHUNK = 200
 _DRAIN_RETRY_S = 0.5
+# How long after an outage the store is not believed: longer than another replica takes to write
+# what it held meanwhile (its breaker's cool-down, then a drain retry and the write itself).
+RESYNC_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +68,15 @@ class _Held:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """A complete response to send: the entry and how the cache came by it."""
+    """A whole answer to send, and how the cache came by it."""
 
-    entry: Entry
-    cache_status: str
-    age: int | None = None
+    reply: Reply
+    outcome: CacheOutcome
 
 
-Fetch = Callable[[], Awaitable[Entry]]
+Fetch = Callable[[], Awaitable[Reply]]
+_UNAVAILABLE = CacheOutcome.bypass("cache-unavailable")
+_UNCACHEABLE = CacheOutcome.bypass("uncacheable-query")
 # What a single-flight leader hands its waiters: the answer, the error, or None ("fetch yourself").
 _Outcome = Answer | ProxyError | None
 
@@ -86,7 +85,7 @@ class ResponseCache:
     def __init__(
         self,
         policy: CachePolicy,
-        store: RedisStore,
+        store: CacheStore,
         *,
         collapse_timeout_s: float,
         local_ttl_s: float = 0.0,
@@ -140,7 +139,7 @@ class ResponseCache:
     async def read(self, target: CacheTarget, fetch: Fetch, *, no_cache: bool) -> Answer:
         """The answer to a list or metadata request: a hit, a collapsed or own fetch, or stale."""
         if not target.cacheable:
-            return Answer(await fetch(), UNCACHEABLE_STATUS)
+            return Answer(await fetch(), _UNCACHEABLE)
         with self.store.request_budget():
             return await self._read(target, fetch, no_cache)
 
@@ -173,13 +172,16 @@ class ResponseCache:
 
     async def _lookup_or_fetch(self, target: CacheTarget, fetch: Fetch, no_cache: bool, held: bool) -> Answer:
         stored, generation, available = None, None, False
+        # Just back from an outage, the store may still hold what another replica's held
+        # invalidations drop: it is filled, not believed, until they had time to be written.
+        trusted = not no_cache and self.store.back_for_s() >= RESYNC_S
         if not held:
             try:
-                stored, generation = await self._lookup(target, no_cache)
+                stored, generation = await self._lookup(target, no_cache=not trusted)
                 available = True
             except CacheUnavailableError:
                 pass
-        usable = None if no_cache else stored
+        usable = stored if trusted else None
         freshness = usable.freshness(self.clock()) if usable is not None else Freshness.UNUSABLE
         if usable is not None and freshness is Freshness.FRESH:
             return self._hit(usable)
@@ -188,7 +190,21 @@ class ResponseCache:
 
     def _hit(self, entry: Entry) -> Answer:
         now = self.clock()
-        return Answer(entry, hit_status(entry.ttl(now)), age=entry.age(now))
+        return Answer(entry.reply, CacheOutcome.hit(entry.ttl(now), entry.age(now)))
+
+    async def after_upload(self, target: CacheTarget, reply: Reply) -> None:
+        """A new file in the scope: its list pages go, and its metadata is stored from the answer."""
+        if reply.status == 200:
+            entry = Entry.fetched(reply, self.clock())
+            await self.invalidate(target, self.policy.writes_after_upload(target, entry))
+
+    async def after_delete(self, target: CacheTarget, reply: Reply) -> bool:
+        """Whether the file is gone upstream (deleted, or already not there); if so, it is gone from
+        the cache too, in every variant, and no fill in flight can store it back."""
+        if reply.status not in (200, 404):
+            return False
+        await self.invalidate(target, self.policy.writes_after_delete(target))
+        return True
 
     async def invalidate(self, target: CacheTarget, writes: Sequence[Write]) -> None:
         """Write now, or hold the writes for the background writer: never lose an invalidation.
@@ -269,7 +285,7 @@ class ResponseCache:
         """On a miss the scope's generation is read, or started when it has none (never set, evicted
         or wiped): the fill is stored only if it is still that one, so no delete (nor a wipe that
         took the tombstone with it) happened during the fetch."""
-        if target.operation is Operation.LIST:
+        if target.kind is TargetKind.LIST_PAGE:
             raw_generation, raw_page = await self.store.mget([target.generation_key, target.key])
             if raw_generation is None:
                 return None, await self._start_generation(target)  # no page is trusted until then
@@ -294,12 +310,12 @@ class ResponseCache:
         except TimeoutError:
             outcome = None
         if isinstance(outcome, Answer):
-            if outcome.age is not None:  # a stale page stood in for a failure: say so here too
+            if outcome.outcome.age is not None:  # a stale page stood in for a failure: say so here too
                 return outcome
-            return Answer(outcome.entry, forward_status("uri-miss", collapsed=True))
+            return Answer(outcome.reply, CacheOutcome.fetched(collapsed=True))
         if isinstance(outcome, ProxyError):
             raise type(outcome)(outcome.message, headers=outcome.headers)
-        return Answer(await fetch(), forward_status("uri-miss"))
+        return Answer(await fetch(), CacheOutcome.fetched())
 
     async def _fetch_and_store(
         self,
@@ -311,22 +327,22 @@ class ResponseCache:
         no_cache: bool,
     ) -> Answer:
         try:
-            entry = await fetch()
+            reply = await fetch()
         except UpstreamError:
             if stale is None:
                 raise
-            return Answer(stale, stale_status(None), age=stale.age(self.clock()))
-        if stale is not None and is_upstream_failure(entry.status):
-            return Answer(stale, stale_status(entry.status), age=stale.age(self.clock()))
+            return Answer(stale.reply, CacheOutcome.stale(None, stale.age(self.clock())))
+        if stale is not None and is_upstream_failure(reply.status):
+            return Answer(stale.reply, CacheOutcome.stale(reply.status, stale.age(self.clock())))
         if not available or target.scope in self._held_scopes:
-            return Answer(entry, BYPASS_STATUS)
-        writes = self.policy.writes_for_answer(target, entry, generation)
+            return Answer(reply, _UNAVAILABLE)
+        writes = self.policy.writes_for_answer(target, Entry.fetched(reply, self.clock()), generation)
         try:
             await self.store.write(writes)
         except CacheUnavailableError:
-            return Answer(entry, BYPASS_STATUS)
+            return Answer(reply, _UNAVAILABLE)
         self._local.discard(target.scope, target.key, target.variant)  # older, if no-cache asked
-        return Answer(entry, forward_status("request" if no_cache else "uri-miss", stored=bool(writes)))
+        return Answer(reply, CacheOutcome.fetched(stored=bool(writes), no_cache=no_cache))
 
 
 def _unpack(raw: bytes | None) -> Entry | None:

@@ -27,7 +27,7 @@ from proxy.errors import ProxyError
 from proxy.ownership import TeamStorage, read_totals, sees_all, storage_rows
 from proxy.reconcile import adopt, reconcile
 from proxy.server import ListenError, bind_listener, listener_url, run_on_server_loop, run_servers
-from proxy.store import CacheUnavailableError, RedisStore, open_store
+from proxy.store import CacheUnavailableError, Store, open_store
 from proxy.upstream import UpstreamClient
 from proxy.usage import COUNTERS, UsageRow, read_usage, usage_report
 
@@ -394,7 +394,7 @@ def _shared_store_settings(config: Path, command: str) -> Settings | None:
 
 
 def _run_against_upstream(
-    settings: Settings, command: str, work: Callable[[RedisStore, UpstreamClient], Awaitable[_T]]
+    settings: Settings, command: str, work: Callable[[Store, UpstreamClient], Awaitable[_T]]
 ) -> _T | None:
     """Run `work` with the store and an upstream client; None (and why, on stderr) if either failed."""
     try:
@@ -409,9 +409,7 @@ def _run_against_upstream(
     return None
 
 
-async def _with_upstream(
-    settings: Settings, work: Callable[[RedisStore, UpstreamClient], Awaitable[_T]]
-) -> _T:
+async def _with_upstream(settings: Settings, work: Callable[[Store, UpstreamClient], Awaitable[_T]]) -> _T:
     store = open_store(settings.cache.url, timeout_s=5.0)
     upstream = UpstreamClient(settings.upstream)
     await upstream.open()

@@ -12,12 +12,21 @@ import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 _SHA256_HEX = r"^[0-9a-fA-F]{64}$"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
@@ -284,18 +293,6 @@ class OwnershipConfig(_Section):
     storage_refresh_s: Annotated[float, Field(gt=0)] = 15.0
 
 
-class _ConfigFile(_Section):
-    upstream: UpstreamConfig = UpstreamConfig()
-    cache: CacheConfig = CacheConfig()
-    limits: LimitsConfig = LimitsConfig()
-    server: ServerConfig = ServerConfig()
-    admin: AdminConfig = AdminConfig()
-    usage: UsageConfig = UsageConfig()
-    ui: UiConfig = UiConfig()
-    ownership: OwnershipConfig = OwnershipConfig()
-    tenants: Annotated[list[_TenantFile], Field(min_length=1)]
-
-
 @dataclass(frozen=True, slots=True)
 class RateLimit:
     """Requests a tenant may make: `per_minute` on average, up to `burst` at once."""
@@ -326,17 +323,49 @@ class Tenant:
         object.__setattr__(self, "cache_scope", hashlib.sha256(self.api_key.encode()).hexdigest()[:32])
 
 
+def _section(default: _Section, *, reloaded: bool) -> Any:
+    """A config file section and its defaults; `reloaded`: whether a reload applies it at once (the
+    others take effect at the next restart)."""
+    return field(default=default, metadata={"reloaded": reloaded})
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """The config: its tenants and its sections. The one list of sections: the file's schema, its
+    loading and what a reload applies are all derived from these fields."""
+
     tenants: tuple[Tenant, ...]
-    upstream: UpstreamConfig = UpstreamConfig()
-    cache: CacheConfig = CacheConfig()
-    limits: LimitsConfig = LimitsConfig()
-    server: ServerConfig = ServerConfig()
-    admin: AdminConfig = AdminConfig()
-    usage: UsageConfig = UsageConfig()
-    ui: UiConfig = UiConfig()
-    ownership: OwnershipConfig = OwnershipConfig()
+    upstream: UpstreamConfig = _section(UpstreamConfig(), reloaded=False)
+    cache: CacheConfig = _section(CacheConfig(), reloaded=False)
+    limits: LimitsConfig = _section(LimitsConfig(), reloaded=True)
+    server: ServerConfig = _section(ServerConfig(), reloaded=False)
+    admin: AdminConfig = _section(AdminConfig(), reloaded=True)
+    usage: UsageConfig = _section(UsageConfig(), reloaded=False)
+    ui: UiConfig = _section(UiConfig(), reloaded=True)
+    ownership: OwnershipConfig = _section(OwnershipConfig(), reloaded=True)
+
+
+_SECTIONS = tuple(item for item in fields(Settings) if item.name != "tenants")
+_SECTION_FIELDS: dict[str, Any] = {
+    item.name: (get_type_hints(Settings)[item.name], item.default) for item in _SECTIONS
+}
+
+
+class _Tenants(_Section):
+    tenants: Annotated[list[_TenantFile], Field(min_length=1)]
+
+
+# The file's schema: the tenants as written, and every section of Settings with its defaults.
+_ConfigFile = create_model("_ConfigFile", __base__=_Tenants, **_SECTION_FIELDS)
+
+
+def sections_needing_restart(running: Settings, loaded: Settings) -> list[str]:
+    """The sections that changed but that a reload does not apply."""
+    return [
+        item.name
+        for item in _SECTIONS
+        if not item.metadata["reloaded"] and getattr(running, item.name) != getattr(loaded, item.name)
+    ]
 
 
 def hash_key(key: str) -> str:
@@ -368,17 +397,7 @@ def load_settings(
         _check_unique(tenants)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    return Settings(
-        tenants=tenants,
-        upstream=parsed.upstream,
-        cache=parsed.cache,
-        limits=parsed.limits,
-        server=parsed.server,
-        admin=parsed.admin,
-        usage=parsed.usage,
-        ui=parsed.ui,
-        ownership=parsed.ownership,
-    )
+    return Settings(tenants, **{item.name: getattr(parsed, item.name) for item in _SECTIONS})
 
 
 def _describe(exc: ValidationError) -> str:

@@ -64,16 +64,16 @@ async def own_page(
     """The list answer for `query` holding only the tenant's files (an error passes through).
     `remembered`: where answers filtered from a single page are kept, and the tenant's name."""
     first = answer = await read_page(query)
-    key = None if remembered is None else (remembered[1], query, first.entry.body)
-    if remembered is not None and key is not None and first.entry.status == 200:
+    key = None if remembered is None else (remembered[1], query, first.reply.body)
+    if remembered is not None and key is not None and first.reply.status == 200:
         body = remembered[0].get(key)
         if body is not None:
-            return replace(first, entry=replace(first.entry, body=body))
+            return replace(first, reply=replace(first.reply, body=body))
     pages = 1
     while True:
-        if answer.entry.status != 200:
+        if answer.reply.status != 200:
             return answer
-        page = _page(answer.entry.body)
+        page = _page(answer.reply.body)
         data: list[dict[str, Any]] = page["data"]
         mine = await owned_among([item["id"] for item in data])
         kept = [item for item in data if item["id"] in mine]
@@ -85,7 +85,7 @@ async def own_page(
     body = json.dumps({**page, "data": kept}, separators=(",", ":")).encode()
     if remembered is not None and key is not None and pages == 1:
         remembered[0].put(key, body)  # a walk depends on later pages too: never remembered
-    return replace(first, entry=replace(first.entry, body=body))
+    return replace(first, reply=replace(first.reply, body=body))
 
 
 def next_query(query: bytes, page: dict[str, Any]) -> bytes | None:

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from proxy.cache import Bump, CappedAdd, Delete, Expire, HashIncrement, HashSet, Put, Write
+from proxy.writes import Bump, CappedAdd, Delete, Expire, HashIncrement, HashSet, Put, Write
 
 # What a key, and each of its fields or members, costs beyond its own bytes (fakeredis 2.41 and this
 # index together, CPython 3.11, measured with tracemalloc; tests/test_memory_budget.py checks it).

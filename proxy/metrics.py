@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from proxy.access import RequestRecord
+from proxy.exchange import Exchange
 from proxy.ownership import TeamStorage
 
 _METHODS = frozenset({"GET", "POST", "DELETE"})
@@ -75,8 +75,7 @@ class Metrics:
         self.bytes_out = Counter(
             "files_proxy_bytes_out", "Response body bytes sent.", ["workspace"], registry=self.registry
         )
-        # Counted in a plain int and read at scrape time: a Gauge's inc and dec take a lock each,
-        # twice per request.
+        # Counted here and read at scrape time.
         self._in_flight = 0
         in_flight = Gauge(
             "files_proxy_in_flight_requests", "Requests being answered.", registry=self.registry
@@ -115,26 +114,27 @@ class Metrics:
     def request_ended(self) -> None:
         self._in_flight -= 1
 
-    def observe(self, record: RequestRecord) -> None:
-        workspace = record.workspace or "none"
-        route = record.route or "other"
-        method = record.method if record.method in _METHODS else "other"
-        status_class = f"{record.status // 100}xx"
-        series = self._series(workspace, record.tenant or "none", route, method, status_class, record.cache)
+    def observe(self, exchange: Exchange) -> None:
+        tenant = exchange.tenant
+        workspace, name = ("none", "none") if tenant is None else (tenant.workspace, tenant.name)
+        route = "other" if exchange.operation is None else exchange.operation.template
+        method = exchange.method if exchange.method in _METHODS else "other"
+        status_class = f"{exchange.status // 100}xx"
+        series = self._series(workspace, name, route, method, status_class, exchange.cache_result.value)
         requests, request_seconds, upstream_seconds, bytes_in, bytes_out = series
         requests.inc()
-        request_seconds.observe(record.duration_ms / 1000)
-        if record.upstream_ms is not None:
-            upstream_seconds.observe(record.upstream_ms / 1000)
-        if record.bytes_in:  # nothing for most requests: skip the locked no-op
-            bytes_in.inc(record.bytes_in)
-        bytes_out.inc(record.bytes_out)
+        request_seconds.observe(exchange.duration_ms / 1000)
+        if exchange.upstream_ms is not None:
+            upstream_seconds.observe(exchange.upstream_ms / 1000)
+        if exchange.bytes_in:
+            bytes_in.inc(exchange.bytes_in)
+        bytes_out.inc(exchange.bytes_out)
 
     @cache  # noqa: B019 - one per app, like the registry; the label sets are bounded (see above)
     def _series(
         self, workspace: str, tenant: str, route: str, method: str, status_class: str, cache_result: str
     ) -> tuple[Any, ...]:
-        """The children one request updates: `labels()` takes a lock and builds keys on every call."""
+        """The children one request updates, kept as prometheus-client suggests, not looked up again."""
         return (
             self.requests.labels(workspace, tenant, route, method, status_class, cache_result),
             self.request_seconds.labels(route, cache_result),

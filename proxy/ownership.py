@@ -30,11 +30,12 @@ from types import TracebackType
 from typing import Any
 
 from proxy import ownership_lua as lua
-from proxy.cache import Entry, HashSet
 from proxy.config import OwnershipConfig, Settings, Tenant
 from proxy.errors import NotFoundError, ProxyError
+from proxy.reply import Reply
 from proxy.routes import Operation
-from proxy.store import CacheUnavailableError, RedisStore
+from proxy.store import CacheUnavailableError, Store
+from proxy.writes import HashSet
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def expires_epoch(value: object) -> int:
 class Ownership:
     """Owner records, storage totals and quota reservations in the store, per tenant."""
 
-    def __init__(self, store: RedisStore, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings) -> None:
         self._store = store
         self._reserve = store.script(lua.RESERVE)
         self._settle = store.script(lua.SETTLE)
@@ -342,7 +343,7 @@ class Upload:
     def bounded(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         return body if self._limit is None else _cut(body, self._limit, self._tenant)
 
-    async def settle(self, answer: Entry) -> None:
+    async def settle(self, answer: Reply) -> None:
         """Record the owner of a file the upstream created; otherwise free the reservation."""
         fields = file_fields(answer.body) if answer.status == 200 else None
         if fields is None:
@@ -377,7 +378,7 @@ async def _cut(body: AsyncIterator[bytes], limit: int, tenant: Tenant) -> AsyncI
         yield chunk
 
 
-async def read_totals(store: RedisStore, scopes: Iterable[str]) -> dict[str, tuple[int, int]]:
+async def read_totals(store: Store, scopes: Iterable[str]) -> dict[str, tuple[int, int]]:
     """Files and bytes per tenant name over these scopes (and every scope recorded in the store)."""
     every = set(scopes) | {scope.decode() for scope in await store.hgetall(SCOPES_KEY)}
     read = store.script(lua.READ)

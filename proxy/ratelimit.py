@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from proxy.config import RateLimit, Tenant
 from proxy.errors import RateLimitedError
-from proxy.store import CacheUnavailableError, RedisStore
+from proxy.store import CacheUnavailableError, Store
 
 # The same step as `_gcra`, on the server's clock. Times are whole milliseconds on both sides, so the
 # two compute the same integers (Lua numbers are doubles; epoch ms are exact in them, and a reply
@@ -68,7 +68,7 @@ class LocalLimiter:
 class RateLimiter:
     """Enforces each tenant's `rate_limit` across replicas, falling back to this process's own count."""
 
-    def __init__(self, store: RedisStore, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._run = store.script(_GCRA_LUA)
         self._local = LocalLimiter(clock)
 

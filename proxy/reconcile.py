@@ -20,12 +20,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 from proxy import ownership_lua as lua
-from proxy.cache import HashSet
 from proxy.config import Settings, Tenant
 from proxy.errors import ProxyError, UpstreamUnavailableError
 from proxy.ownership import SCOPES_KEY, Keys, Ownership, expires_epoch, owner_of
-from proxy.store import CacheUnavailableError, RedisStore
+from proxy.store import CacheUnavailableError, Store
 from proxy.upstream import UpstreamClient
+from proxy.writes import HashSet
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ async def list_workspace(upstream: UpstreamClient, tenant: Tenant) -> list[LiveF
 
 
 async def reconcile(
-    store: RedisStore, upstream: UpstreamClient, tenants: Sequence[Tenant]
+    store: Store, upstream: UpstreamClient, tenants: Sequence[Tenant]
 ) -> list[WorkspaceReport]:
     """Reconcile every distinct upstream workspace among these tenants."""
     reports = []
@@ -78,7 +78,7 @@ async def reconcile(
 
 
 async def adopt(
-    store: RedisStore, upstream: UpstreamClient, tenant: Tenant, file_ids: Sequence[str] | None
+    store: Store, upstream: UpstreamClient, tenant: Tenant, file_ids: Sequence[str] | None
 ) -> dict[str, str | None]:
     """Make `tenant` the owner of these files (None: every unowned file of its key); returns each
     file's owner afterwards (None: no such file upstream)."""
@@ -102,7 +102,7 @@ async def adopt(
 
 
 async def run_upkeep(
-    ownership: Ownership, store: RedisStore, upstream: UpstreamClient, settings: Callable[[], Settings]
+    ownership: Ownership, store: Store, upstream: UpstreamClient, settings: Callable[[], Settings]
 ) -> None:
     """Until cancelled: refresh the storage figures the metrics read, and reconcile every
     `reconcile_interval_s` on whichever replica takes the lock first."""
@@ -142,7 +142,7 @@ def _end_if_cancelled() -> None:
 
 
 async def _reconcile_key(
-    store: RedisStore, upstream: UpstreamClient, scope: str, tenants: list[Tenant]
+    store: Store, upstream: UpstreamClient, scope: str, tenants: list[Tenant]
 ) -> WorkspaceReport:
     keys = Keys(scope)
     started_ms = int(await store.script(lua.TIME)([], []))
@@ -201,17 +201,13 @@ async def _get(
 ) -> dict[str, Any]:
     """One GA GET straight to upstream, read whole as a JSON object ({} for a 404 if `missing_ok`)."""
     headers = [("anthropic-version", _GA_VERSION), ("x-api-key", tenant.api_key)]
-    reply = await upstream.send("GET", path, query, headers, tenant=tenant)
-    try:
-        body = await reply.read(_MAX_ANSWER)
-    finally:
-        await reply.aclose()
-    if reply.status_code == 404 and missing_ok:
+    reply = await (await upstream.send("GET", path, query, headers, tenant=tenant)).read_whole(_MAX_ANSWER)
+    if reply.status == 404 and missing_ok:
         return {}
-    if reply.status_code != 200:
-        raise UpstreamUnavailableError(f"The Anthropic API answered {reply.status_code} to GET {path}.")
+    if reply.status != 200:
+        raise UpstreamUnavailableError(f"The Anthropic API answered {reply.status} to GET {path}.")
     try:
-        value = json.loads(body)
+        value = json.loads(reply.body)
     except ValueError:
         value = None
     if not isinstance(value, dict):

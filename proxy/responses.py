@@ -10,30 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from proxy.caching import Answer
 from proxy.errors import UpstreamError
+from proxy.reply import Reply
 from proxy.upstream import UpstreamReply
 
 logger = logging.getLogger(__name__)
 
 
-def answer_response(answer: Answer) -> Response:
-    """A complete response, with `Cache-Status` and, when it came from the store, `Age`."""
-    entry = answer.entry
-    response = Response(entry.body, status_code=entry.status)
-    headers = [*entry.headers, ("cache-status", answer.cache_status)]
-    if answer.age is not None:
-        headers.append(("age", str(answer.age)))
-    response.raw_headers += _encoded(headers)
+def whole_response(reply: Reply) -> Response:
+    """A whole answer, from upstream or the cache (the edge adds `Cache-Status` and `Age`)."""
+    response = Response(reply.body, status_code=reply.status)
+    response.raw_headers += _encoded(reply.headers)
     return response
 
 
-def _encoded(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+def _encoded(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
@@ -42,11 +39,9 @@ class _ClientStalledError(Exception):
 
 
 class UpstreamStreamResponse(StreamingResponse):
-    def __init__(
-        self, reply: UpstreamReply, extra_headers: list[tuple[str, str]], send_timeout_s: float
-    ) -> None:
+    def __init__(self, reply: UpstreamReply, send_timeout_s: float) -> None:
         super().__init__(reply.iter_body(), status_code=reply.status_code)
-        self.raw_headers = _encoded(reply.headers + extra_headers)
+        self.raw_headers = _encoded(reply.headers)
         self._reply = reply
         self._send_timeout_s = send_timeout_s
 

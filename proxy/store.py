@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol
 
 import fakeredis
 import redis.asyncio as redis
@@ -30,8 +31,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from proxy.cache import Bump, CappedAdd, Delete, Expire, GuardedWrites, HashIncrement, HashSet, Put, Write
 from proxy.memory_budget import MemoryBudget
+from proxy.writes import Bump, CappedAdd, Delete, Expire, GuardedWrites, HashIncrement, HashSet, Put, Write
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
+        self._back_at: float | None = None
 
     @property
     def is_open(self) -> bool:
@@ -89,9 +91,17 @@ class CircuitBreaker:
         self._probing = True
         return True
 
+    def back_for_s(self) -> float:
+        """Seconds since the store came back from its last outage: 0 while it is away, infinite if
+        it never was."""
+        if self._opened_at is not None:
+            return 0.0
+        return math.inf if self._back_at is None else self._clock() - self._back_at
+
     def succeeded(self) -> None:
         if self._opened_at is not None:
             logger.warning("cache store is back; caching resumes")
+            self._back_at = self._clock()
         self._failures = 0
         self._opened_at = None
         self._probing = False
@@ -107,6 +117,42 @@ class CircuitBreaker:
     def abandoned(self) -> None:
         """A call ended without an answer either way (cancelled): a probe may go again."""
         self._probing = False
+
+
+class CacheStore(Protocol):
+    """What the response cache asks of a store: keyed reads and one pipeline of writes, all within
+    the budget of the request that makes them. Tests script it to make a store fail or stall."""
+
+    def request_budget(self) -> contextlib.AbstractContextManager[None]: ...
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    async def hmget(self, key: str, fields: Sequence[str]) -> list[bytes | None]: ...
+
+    async def get_or_start(self, key: str, value: bytes, ttl_s: int) -> bytes: ...
+
+    async def write(self, writes: Sequence[Write]) -> None: ...
+
+    def back_for_s(self) -> float: ...
+
+
+class Store(CacheStore, Protocol):
+    """The store as the whole proxy uses it (`RedisStore`, for Redis and memory:// alike): the cache's
+    operations, plus hashes read whole (usage, ownership), Lua scripts (rate limits, ownership) and
+    its life cycle. Every failure is a `CacheUnavailableError`."""
+
+    breaker: CircuitBreaker
+    on_call: Callable[[str], None]
+
+    async def hgetall(self, key: str) -> dict[bytes, bytes]: ...
+
+    def script(self, lua: str) -> Callable[[Sequence[str], Sequence[int | str]], Awaitable[Any]]: ...
+
+    async def ping(self) -> bool: ...
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 class _Budget:
@@ -146,6 +192,9 @@ class RedisStore:
         self.breaker = breaker or CircuitBreaker()
         # Told "ok", "error" or "skipped" after every call, for metrics.
         self.on_call: Callable[[str], None] = lambda outcome: None
+
+    def back_for_s(self) -> float:
+        return self.breaker.back_for_s()
 
     @contextlib.contextmanager
     def request_budget(self) -> Iterator[None]:

@@ -23,20 +23,18 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from starlette.datastructures import Headers, QueryParams
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from proxy.auth import Authenticator, check_admin
-from proxy.cache import Put
 from proxy.config import Settings, Tenant
+from proxy.edge import ControlRoute
 from proxy.errors import AuthenticationError, ProxyError
 from proxy.handler import FilesHandler
-from proxy.store import CacheUnavailableError, RedisStore
+from proxy.store import CacheUnavailableError, Store
 from proxy.ui_pages import (
     CONTENT_SECURITY_POLICY,
     AdminView,
@@ -51,10 +49,12 @@ from proxy.ui_pages import (
 )
 from proxy.ui_session import ADMIN, TEAM, LoginThrottle, Session, SessionSigner
 from proxy.usage import UsageCounter, UsageRow, read_usage_by_day
+from proxy.writes import Put
 
 logger = logging.getLogger(__name__)
 
-UI_PATHS = frozenset({"/ui", "/ui/", "/ui/login", "/ui/logout"})
+# The sign-in form has one short field; a body longer than this is no sign-in.
+_MAX_FORM_BYTES = 4096
 COOKIE = "fp_ui_session"
 # Storage per team: the current rows, one per tenant (files and bytes held now).
 StorageSource = Callable[[], Awaitable[Sequence[StorageRow]]]
@@ -90,7 +90,7 @@ class UsagePage:
     def __init__(
         self,
         settings: Callable[[], Settings],
-        store: RedisStore,
+        store: Store,
         usage: UsageCounter,
         handler: FilesHandler,
         *,
@@ -108,13 +108,12 @@ class UsagePage:
         self._signer = SessionSigner(session_secret(settings()), clock)
         self._throttle = LoginThrottle()
 
-    def routes(self) -> list[BaseRoute]:
+    def routes(self) -> list[ControlRoute]:
         return [
-            Route("/ui", self._to_page, methods=["GET"]),
-            Route("/ui/", self._page, methods=["GET"]),
-            Route("/ui/login", self._login_form, methods=["GET"]),
-            Route("/ui/login", self._login, methods=["POST"]),
-            Route("/ui/logout", self._logout, methods=["POST"]),
+            ControlRoute("/ui", {"GET": self._to_page}),
+            ControlRoute("/ui/", {"GET": self._page}),
+            ControlRoute("/ui/login", {"GET": self._login_form, "POST": self._login}),
+            ControlRoute("/ui/logout", {"POST": self._logout}),
         ]
 
     async def _to_page(self, request: Request) -> Response:
@@ -131,12 +130,8 @@ class UsagePage:
         if wait:
             message = f"Too many failed sign-ins from your address. Try again in {wait} seconds."
             return _html(login_page(message), 429, {"retry-after": str(wait)})
-        try:
-            form = await request.form(max_files=0, max_fields=4, max_part_size=1024)
-            key = form.get("key")
-        except HTTPException:
-            key = None
-        signed = self._identify(key) if isinstance(key, str) else None
+        key = await _form_key(request)
+        signed = None if key is None else self._identify(key)
         if signed is None:
             self._throttle.failed(client)
             logger.info("usage page: sign-in refused for %s", client)
@@ -349,3 +344,21 @@ def _file_row(item: Mapping[str, Any]) -> FileRow:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+async def _form_key(request: Request) -> str | None:
+    """The `key` field of the sign-in form (URL-encoded, as the page's form sends it); None for any
+    other body. Read with a bound and parsed here: the proxy carries no multipart parser."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_FORM_BYTES:
+            return None
+    try:
+        fields = parse_qsl(body.decode("ascii"), keep_blank_values=True, max_num_fields=4)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    keys = [value for name, value in fields if name == "key"]
+    return keys[0] if len(keys) == 1 else None

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
 from multidict import CIMultiDict
@@ -24,39 +24,16 @@ from yarl import URL
 
 from proxy.config import ConfigError, EgressProxy, Tenant, UpstreamConfig
 from proxy.errors import InvalidRequestError, UpstreamTimeoutError, UpstreamUnavailableError
+from proxy.headers import Headers, from_upstream, whole_body
+from proxy.reply import Reply
 
 logger = logging.getLogger(__name__)
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-# Set by the proxy's own server or by aiohttp; never copied across.
-_BODY_FRAMING = frozenset({"content-length", "content-encoding"})
-_NOT_FORWARDED_RESPONSE = frozenset({"date", "server"})
 # Headers aiohttp would add on its own; a proxy forwards the client's or none.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 # aiohttp's default 64 KiB buffer makes a download cost one trip through its reader per 64 KiB;
 # 256 KiB quarters that, and bounds a connection's buffered body (twice this) all the same.
 _READ_BUFSIZE = 256 * 1024
-
-
-def end_to_end(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Drop hop-by-hop headers (RFC 9110 section 7.6.1), including every header named in Connection."""
-    pairs = [(name.lower(), value) for name, value in headers]
-    named = {
-        token.strip().lower() for name, value in pairs if name == "connection" for token in value.split(",")
-    }
-    return [(name, value) for name, value in pairs if name not in HOP_BY_HOP and name not in named]
 
 
 def tls_context(ca_file: str) -> ssl.SSLContext:
@@ -91,10 +68,9 @@ class UpstreamReply:
         self._release_share = release_share
         self.status_code = response.status
         # latin-1 both ways keeps every byte a header value may carry (obs-text included).
-        raw = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in response.raw_headers]
-        self.headers = [
-            (name, value) for name, value in end_to_end(raw) if name not in _NOT_FORWARDED_RESPONSE
-        ]
+        self.headers = from_upstream(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in response.raw_headers
+        )
 
     @property
     def request_id(self) -> str | None:
@@ -107,20 +83,19 @@ class UpstreamReply:
             async for chunk in self._response.content.iter_any():
                 yield chunk
 
-    async def read(self, limit: int) -> bytes:
-        """The whole decoded body of a small JSON answer; larger than `limit` is an upstream fault."""
+    async def read_whole(self, limit: int) -> Reply:
+        """The whole answer, its body decoded, then the connection handed back; a body larger than
+        `limit` is an upstream fault (a small JSON answer was expected)."""
         body = bytearray()
-        with _body_errors_translated():
-            async for chunk in self._response.content.iter_any():
-                body += chunk
-                if len(body) > limit:
-                    raise UpstreamUnavailableError("The Anthropic API sent an unexpectedly large answer.")
-        return bytes(body)
-
-    @property
-    def decoded_headers(self) -> list[tuple[str, str]]:
-        """The headers that still hold once the body was read decoded and is sent whole."""
-        return [(name, value) for name, value in self.headers if name not in _BODY_FRAMING]
+        try:
+            with _body_errors_translated():
+                async for chunk in self._response.content.iter_any():
+                    body += chunk
+                    if len(body) > limit:
+                        raise UpstreamUnavailableError("The Anthropic API sent an unexpectedly large answer.")
+        finally:
+            await self.aclose()
+        return Reply(self.status_code, tuple(whole_body(self.headers)), bytes(body))
 
     async def aclose(self) -> None:
         """Hand the connection back when the body was read whole, else close it; free the team's share."""
@@ -213,7 +188,7 @@ class UpstreamClient:
         method: str,
         path: str,
         query: bytes,
-        headers: list[tuple[str, str]],
+        headers: Headers,
         body: AsyncIterator[bytes] | None = None,
         *,
         tenant: Tenant,
@@ -230,14 +205,7 @@ class UpstreamClient:
             query_string=_forwardable(query.decode("latin-1"), "The query string"),
             encoded=True,
         )
-        # With a body, the client's Content-Length is kept so the upstream gets a plain body, not a
-        # chunked one; aiohttp then sends exactly that many bytes.
-        not_forwarded = {"host"} if body is not None else {"host", "content-length"}
-        outgoing = CIMultiDict(
-            (name, _forwardable(value, f"Header {name}"))
-            for name, value in headers
-            if name not in not_forwarded
-        )
+        outgoing = CIMultiDict((name, _forwardable(value, f"Header {name}")) for name, value in headers)
         sent = None if body is None else _OutgoingBody(body, self._config.write_timeout_s)
         release_share = await self._take_share(tenant)
         try:

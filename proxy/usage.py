@@ -14,6 +14,7 @@ the flush also deletes the days just past `usage.retention_days`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -22,10 +23,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from proxy.access import RequestRecord
-from proxy.cache import Delete, HashIncrement, Write
+from proxy.cache import CacheResult
+from proxy.exchange import Exchange
 from proxy.ownership import TeamStorage
-from proxy.store import CacheUnavailableError, RedisStore
+from proxy.routes import Operation
+from proxy.store import CacheUnavailableError, Store
+from proxy.writes import Delete, HashIncrement, Write
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,6 @@ COUNTERS = (
 )
 # Days past retention deleted at each trim: a proxy stopped for longer leaves older days behind.
 _TRIM_WINDOW_DAYS = 31
-_UPLOAD, _DOWNLOAD, _ITEM = "/v1/files", "/v1/files/{file_id}/content", "/v1/files/{file_id}"
 
 
 @dataclass
@@ -65,15 +67,20 @@ def usage_report(
     }
 
 
-def counts_for(record: RequestRecord) -> dict[str, int]:
-    """What one request adds to its tenant's counters."""
-    ok = record.status == 200
-    counts = {"requests": 1, "errors": int(record.status >= 400), "cache_hits": int(record.cache == "hit")}
-    if ok and record.method == "POST" and record.route == _UPLOAD:
-        counts |= {"uploads": 1, "upload_bytes": record.upload_size_bytes or 0}
-    elif ok and record.route == _DOWNLOAD:
-        counts |= {"downloads": 1, "download_bytes": record.bytes_out}
-    elif ok and record.method == "DELETE" and record.route == _ITEM:
+def counts_for(exchange: Exchange) -> dict[str, int]:
+    """What one request adds to its tenant's counters, by its operation."""
+    counts = {
+        "requests": 1,
+        "errors": int(exchange.status >= 400),
+        "cache_hits": int(exchange.cache_result is CacheResult.HIT),
+    }
+    if exchange.status != 200:
+        return counts
+    if exchange.operation is Operation.UPLOAD:
+        counts |= {"uploads": 1, "upload_bytes": exchange.upload_size_bytes or 0}
+    elif exchange.operation is Operation.DOWNLOAD:
+        counts |= {"downloads": 1, "download_bytes": exchange.bytes_out}
+    elif exchange.operation is Operation.DELETE:
         counts["deletes"] = 1
     return counts
 
@@ -82,9 +89,16 @@ def _day_key(iso_day: str) -> str:
     return f"fp:usage:{{{iso_day}}}"
 
 
+@functools.lru_cache(maxsize=2)
+def _day_key_of(epoch_day: int) -> str:
+    """The day hash of a UTC day counted from the epoch (the same one or two days, request after
+    request)."""
+    return _day_key((date(1970, 1, 1) + timedelta(days=epoch_day)).isoformat())
+
+
 class UsageCounter:
     def __init__(
-        self, store: RedisStore, retention_days: int = 400, clock: Callable[[], float] = time.time
+        self, store: Store, retention_days: int = 400, clock: Callable[[], float] = time.time
     ) -> None:
         self._store = store
         self._retention_days = retention_days
@@ -92,14 +106,15 @@ class UsageCounter:
         self._pending: Counter[tuple[str, str]] = Counter()  # (day key, field) -> amount
         self._trimmed_on: date | None = None
 
-    def add(self, record: RequestRecord) -> None:
-        """Count a finished request (unauthenticated ones have no workspace and are not counted)."""
-        if record.tenant is None or record.workspace is None:
+    def add(self, exchange: Exchange) -> None:
+        """Count a finished request (unauthenticated ones have no tenant and are not counted)."""
+        tenant = exchange.tenant
+        if tenant is None:
             return
-        key = _day_key(record.ts[:10])  # the record's day: YYYY-MM-DD
-        for counter, amount in counts_for(record).items():
+        key = _day_key_of(int(exchange.started_at // 86400))
+        for counter, amount in counts_for(exchange).items():
             if amount:
-                self._pending[(key, f"{record.workspace}|{record.tenant}|{counter}")] += amount
+                self._pending[(key, f"{tenant.workspace}|{tenant.name}|{counter}")] += amount
 
     async def flush(self) -> bool:
         """Write what was counted since the last flush, and trim old days once a day; on failure
@@ -145,9 +160,7 @@ def _end_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-async def read_usage(
-    store: RedisStore, since: date, until: date, workspace: str | None = None
-) -> list[UsageRow]:
+async def read_usage(store: Store, since: date, until: date, workspace: str | None = None) -> list[UsageRow]:
     """Totals per workspace and tenant over the days from `since` to `until`, both included."""
     rows: dict[tuple[str, str], UsageRow] = {}
     for day in _days(since, until):
@@ -160,7 +173,7 @@ async def read_usage(
     return [rows[key] for key in sorted(rows)]
 
 
-async def read_usage_by_day(store: RedisStore, since: date, until: date) -> dict[date, list[UsageRow]]:
+async def read_usage_by_day(store: Store, since: date, until: date) -> dict[date, list[UsageRow]]:
     """Each day's rows per workspace and tenant from `since` to `until`, both included (the usage page)."""
     return {day: await read_usage(store, day, day) for day in _days(since, until)}
 

@@ -9,20 +9,18 @@ from typing import Any
 
 import anthropic
 import pytest
-from pydantic import HttpUrl
 
 from files_api_simulator import Simulator
-from proxy.app import create_app
-from proxy.config import CacheConfig, LimitsConfig, Settings, UpstreamConfig
+from proxy.config import Settings
+from tests.constants import ALL_SECRETS, ALPHA, BRAVO
 from tests.support import (
-    ALL_SECRETS,
-    ALPHA,
-    BRAVO,
     WATCH,
     RedisClusterNodes,
     RedisServer,
     Served,
     free_port,
+    served_proxy,
+    team_settings,
     team_simulator,
 )
 
@@ -74,13 +72,8 @@ def make_settings(simulator_url: str) -> Callable[..., Settings]:
         limits: dict[str, Any] | None = None,
         cache: dict[str, Any] | None = None,
     ) -> Settings:
-        return Settings(
-            tenants=(ALPHA.tenant(), BRAVO.tenant()),
-            upstream=UpstreamConfig(
-                base_url=HttpUrl(upstream_url), **{"read_timeout_s": 5, **(upstream or {})}
-            ),
-            limits=LimitsConfig(**(limits or {})),
-            cache=CacheConfig(**(cache or {})),
+        return team_settings(
+            upstream_url, upstream={"read_timeout_s": 5, **(upstream or {})}, limits=limits, cache=cache
         )
 
     return make
@@ -92,7 +85,7 @@ def serve_proxy(make_settings: Callable[..., Settings]) -> Iterator[Callable[...
     started: list[Served] = []
 
     def start(clock: Callable[[], float] = time.time, **overrides: Any) -> str:
-        served = Served(create_app(make_settings(**overrides), clock=clock)).__enter__()
+        served = served_proxy(make_settings(**overrides), clock=clock).__enter__()
         started.append(served)
         return served.url
 

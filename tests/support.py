@@ -1,4 +1,6 @@
-"""Test helpers shared by several modules: test tenants, servers on real sockets, raw HTTP, a clock."""
+"""Test helpers shared by several modules: the proxy in this process (`team_settings`, `served_proxy`,
+`SharedProxy`) and as a subprocess (`ProxyProcess`), other servers on real sockets, raw HTTP, a clock.
+The constants they share (tenants, keys, headers) are in tests/constants.py."""
 
 from __future__ import annotations
 
@@ -6,11 +8,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import httpx
@@ -23,28 +26,9 @@ from proxy.app import create_app
 from proxy.config import CacheConfig, LimitsConfig, ServerConfig, Settings, Tenant, UpstreamConfig, hash_key
 from proxy.server import bind_listener, server_config
 from proxy.store import RedisStore
+from tests.constants import ALPHA, BRAVO
 
-
-@dataclass(frozen=True)
-class TeamKeys:
-    name: str
-    workspace: str
-    proxy_key: str
-    upstream_key: str
-    upstream_workspace: str
-
-    def tenant(self) -> Tenant:
-        return Tenant(
-            name=self.name,
-            workspace=self.workspace,
-            client_key_hashes=frozenset({hash_key(self.proxy_key)}),
-            api_key=self.upstream_key,
-        )
-
-
-ALPHA = TeamKeys("alpha", "alpha-prod", "fp-test-alpha-7c1d0e", "sk-ant-test-alpha-52aa", "wrkspc_alpha")
-BRAVO = TeamKeys("bravo", "bravo-prod", "fp-test-bravo-91be44", "sk-ant-test-bravo-e07f", "wrkspc_bravo")
-ALL_SECRETS = (ALPHA.proxy_key, ALPHA.upstream_key, BRAVO.proxy_key, BRAVO.upstream_key)
+FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
 
 
 def config_toml(upstream_url: str, sections: str = "") -> str:
@@ -81,6 +65,52 @@ def wait_until_up(url: str) -> None:
     wait_for(answers, seconds=15, what=f"{url}/healthz")
 
 
+class ProxyProcess:
+    """The tests' one way to run `files-proxy serve` in its own process: with `config`, on a free port,
+    its output written to `output` (and fed to WATCH when it stops). `with` starts it and waits until
+    it answers /healthz; leaving stops it, as `stop()` does."""
+
+    def __init__(self, config: Path, output: Path, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.output = output
+        self._env = env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ProxyProcess:
+        command = [FILES_PROXY, "serve", "--config", str(self.config), "--port", str(self.port)]
+        with self.output.open("w") as sink:
+            self._process = subprocess.Popen(command, env=self._env, stdout=sink, stderr=sink)
+        try:
+            wait_until_up(self.url)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def signal(self, signum: int) -> None:
+        assert self._process is not None
+        self._process.send_signal(signum)
+
+    def stop(self) -> int:
+        """SIGTERM unless it has ended already; its exit code."""
+        assert self._process is not None
+        if self._process.poll() is None:
+            self._process.terminate()
+        code = self._process.wait(timeout=30)
+        WATCH.feed(self.output.read_text())
+        return code
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -115,6 +145,35 @@ class Served:
         self._listener.close()
 
 
+def team_settings(
+    upstream_url: str,
+    *,
+    tenants: tuple[Tenant, ...] = (ALPHA.tenant(), BRAVO.tenant()),
+    upstream: Mapping[str, Any] | None = None,
+    cache: Mapping[str, Any] | None = None,
+    limits: Mapping[str, Any] | None = None,
+    **sections: Any,
+) -> Settings:
+    """Settings for ALPHA and BRAVO (or `tenants`) in front of `upstream_url`. `upstream`, `cache` and
+    `limits` are fields of those sections; `sections` are other sections whole (`admin=AdminConfig(...)`)."""
+    return Settings(
+        tenants=tenants,
+        upstream=UpstreamConfig(base_url=HttpUrl(upstream_url), **(upstream or {})),
+        cache=CacheConfig(**(cache or {})),
+        limits=LimitsConfig(**(limits or {})),
+        **sections,
+    )
+
+
+def served_proxy(
+    settings: Settings, *, bounds: ServerConfig | None = None, log_level: str = "warning", **app: Any
+) -> Served:
+    """The tests' one way to run a proxy in this process: `create_app(settings, **app)` (`app` is its
+    keyword options: `store`, `clock`, `load_settings`) under the proxy's own server on a free port,
+    started by `with` (or `__enter__`) and stopped on leaving it."""
+    return Served(create_app(settings, **app), bounds=bounds, log_level=log_level)
+
+
 def team_simulator() -> Simulator:
     """A simulator that knows ALPHA's and BRAVO's upstream keys, each in its own workspace."""
     return Simulator(
@@ -131,22 +190,22 @@ class SharedProxy:
         self.simulator = team_simulator()
         self._cache_server = fakeredis.FakeServer()
         self._upstream = Served(_Delegate(lambda: self.simulator.app))
-        self._limits = LimitsConfig(**(limits or {}))  # type: ignore[arg-type]
+        self._limits = limits
         self._proxy: Served | None = None
         self.url = ""
         self.port = 0
 
     def __enter__(self) -> SharedProxy:
         self._upstream.__enter__()
-        settings = Settings(
-            tenants=(ALPHA.tenant(), BRAVO.tenant()),
-            upstream=UpstreamConfig(base_url=HttpUrl(self._upstream.url), read_timeout_s=5),
+        settings = team_settings(
+            self._upstream.url,
+            upstream={"read_timeout_s": 5},
             limits=self._limits,
             # No in-process copies: `fresh()` empties the store, and a copy would outlive that.
-            cache=CacheConfig(local_ttl_s=0),
+            cache={"local_ttl_s": 0},
         )
         store = RedisStore(fakeredis.FakeAsyncRedis(server=self._cache_server))
-        self._proxy = Served(create_app(settings, store=store)).__enter__()
+        self._proxy = served_proxy(settings, store=store).__enter__()
         self.url, self.port = self._proxy.url, self._proxy.port
         return self
 

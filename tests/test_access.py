@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -21,29 +20,29 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import HttpUrl
 
 from files_api_simulator import Simulator
-from proxy.access import BatchedStdout, RequestRecord, _timestamp, access_logger, log_access, start_access_log
-from proxy.app import create_app
-from proxy.config import AdminConfig, CacheConfig, RateLimit, Settings, UpstreamConfig, UsageConfig
+from proxy.access import BatchedStdout, _timestamp, access_line, access_logger, log_access, start_access_log
+from proxy.cache import CacheOutcome
+from proxy.config import AdminConfig, RateLimit, Settings, UsageConfig
+from proxy.exchange import Exchange
 from proxy.metrics import Metrics
+from proxy.routes import Operation
+from tests.constants import ADMIN_KEY, ALL_SECRETS, ALPHA, BRAVO, GA_HEADERS, VERSION
 from tests.support import (
-    ALL_SECRETS,
-    ALPHA,
-    BRAVO,
+    FILES_PROXY,
     WATCH,
+    ProxyProcess,
     RedisServer,
-    Served,
     config_toml,
     free_port,
+    served_proxy,
     team_environment,
+    team_settings,
     wait_for,
     wait_until_up,
 )
 
-FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
-ADMIN_KEY = "fp-admin-test-3f9a"
 FIELDS = {
     "ts",
     "request_id",
@@ -66,14 +65,14 @@ FIELDS = {
 
 
 def _headers(team_key: str = ALPHA.proxy_key) -> dict[str, str]:
-    return {"x-api-key": team_key, "anthropic-version": "2026-10-21", "user-agent": "test-agent/1"}
+    return {"x-api-key": team_key, "anthropic-version": VERSION, "user-agent": "test-agent/1"}
 
 
 def _settings(simulator_url: str, redis_url: str, **tenant_changes: Any) -> Settings:
-    return Settings(
+    return team_settings(
+        simulator_url,
         tenants=(dataclasses.replace(ALPHA.tenant(), **tenant_changes), BRAVO.tenant()),
-        upstream=UpstreamConfig(base_url=HttpUrl(simulator_url)),
-        cache=CacheConfig(url=redis_url),
+        cache={"url": redis_url},
         admin=AdminConfig(key_sha256=hashlib.sha256(ADMIN_KEY.encode()).hexdigest()),
         usage=UsageConfig(flush_interval_s=0.1),
     )
@@ -132,7 +131,7 @@ def test_a_mix_of_requests_is_logged_counted_in_metrics_and_in_usage(
 ) -> None:
     generated = simulator.add_file(ALPHA.upstream_key, filename="out.bin", size_bytes=5000)
     with (
-        Served(create_app(_settings(simulator_url, redis_server.url))) as served,
+        served_proxy(_settings(simulator_url, redis_server.url)) as served,
         httpx.Client(base_url=served.url) as client,
     ):
         upload = client.post(
@@ -221,7 +220,7 @@ def test_no_key_reaches_a_log_line(
     simulator_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    with Served(create_app(_settings(simulator_url, redis_server.url))) as served:
+    with served_proxy(_settings(simulator_url, redis_server.url)) as served:
         for headers in (
             _headers(),
             {"authorization": f"Bearer {ALPHA.proxy_key}", "x-api-key": BRAVO.proxy_key},
@@ -243,24 +242,11 @@ def two_proxies(
     """Two `files-proxy serve` processes sharing one redis-server, as two replicas would."""
     config = _config_file(tmp_path, simulator_url, redis_server.url)
     env = {**team_environment(), "PATH": "/usr/bin:/bin"}
-    ports = [free_port(), free_port()]
-    logs = [tmp_path / f"replica{i}.out" for i in range(2)]
-    processes = []
-    for port, log in zip(ports, logs, strict=True):
-        with log.open("w") as sink:
-            command = [FILES_PROXY, "serve", "--config", str(config), "--port", str(port)]
-            processes.append(subprocess.Popen(command, env=env, stdout=sink, stderr=sink))
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
-    try:
-        for url in urls:
-            wait_until_up(url)
-        yield urls, config
-    finally:
-        for process in processes:
-            process.terminate()
-            process.wait(timeout=10)
-        for log in logs:
-            WATCH.feed(log.read_text())
+    with (
+        ProxyProcess(config, tmp_path / "replica0.out", env) as one,
+        ProxyProcess(config, tmp_path / "replica1.out", env) as two,
+    ):
+        yield [one.url, two.url], config
 
 
 def test_usage_is_summed_across_two_replicas_sharing_redis(two_proxies: tuple[list[str], Path]) -> None:
@@ -295,7 +281,7 @@ def test_usage_is_summed_across_two_replicas_sharing_redis(two_proxies: tuple[li
 def test_admin_usage_needs_the_admin_key(
     simulator_url: str, redis_server: RedisServer, headers: dict[str, str]
 ) -> None:
-    with Served(create_app(_settings(simulator_url, redis_server.url))) as served:
+    with served_proxy(_settings(simulator_url, redis_server.url)) as served:
         response = httpx.get(f"{served.url}/admin/usage", headers=headers)
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "authentication_error"
@@ -305,7 +291,7 @@ def test_rate_limit_answers_429_before_upstream_and_spares_the_other_tenant(
     simulator: Simulator, simulator_url: str, redis_server: RedisServer
 ) -> None:
     settings = _settings(simulator_url, redis_server.url, rate_limit=RateLimit(per_minute=60, burst=3))
-    with Served(create_app(settings)) as served:
+    with served_proxy(settings) as served:
         alpha = [httpx.get(f"{served.url}/v1/files", headers=_headers()) for _ in range(5)]
         bravo = [httpx.get(f"{served.url}/v1/files", headers=_headers(BRAVO.proxy_key)) for _ in range(5)]
 
@@ -323,14 +309,34 @@ def test_rate_limit_answers_429_before_upstream_and_spares_the_other_tenant(
     assert len(alpha_upstream) == len(misses)
 
 
-def _record(**changes: Any) -> RequestRecord:
-    fields = {
-        "ts": "2026-11-30T12:00:00.123Z",
-        "request_id": "req_1",
+def _exchange(**changes: Any) -> Exchange:
+    """A metadata hit of ALPHA's, as the edge would hand it to the access log."""
+    exchange = Exchange(
+        "req_1",
+        "GET",
+        started_at=1_764_504_000.123,
+        started=0.0,
+        user_agent='a "quoted" agent',
+        tenant=ALPHA.tenant(),
+        operation=Operation.METADATA,
+        file_id="file_1",
+        cache=CacheOutcome.hit(ttl=60, age=1),
+        status=200,
+        bytes_out=203,
+        duration_ms=0.4,
+    )
+    return dataclasses.replace(exchange, **changes)
+
+
+def _line(exchange: Exchange) -> dict[str, Any]:
+    """The access line the README documents for this exchange."""
+    return {
+        "ts": _timestamp(exchange.started_at),
+        "request_id": exchange.request_id,
         "upstream_request_id": None,
         "client_request_id": None,
         "tenant": "alpha",
-        "workspace": "alpha-prod",
+        "workspace": ALPHA.workspace,
         "method": "GET",
         "route": "/v1/files/{file_id}",
         "file_id": "file_1",
@@ -343,17 +349,16 @@ def _record(**changes: Any) -> RequestRecord:
         "upstream_ms": None,
         "user_agent": 'a "quoted" agent',
     }
-    return RequestRecord(**(fields | changes))
 
 
 def test_served_access_lines_reach_stdout_whole_and_in_order(capfd: pytest.CaptureFixture[str]) -> None:
-    """`serve`'s setup (the batch writer alone on the access logger) skips logging's LogRecord."""
-    records = [_record(request_id=f"req_{n}") for n in range(3)]
+    """`serve`'s setup: the batch writer alone on the access logger, writing every line whole."""
+    exchanges = [_exchange(request_id=f"req_{n}") for n in range(3)]
     access_logger.setLevel(logging.INFO)
     handler = start_access_log()
     try:
-        for record in records:
-            log_access(record)
+        for exchange in exchanges:
+            log_access(exchange)
     finally:
         handler.stop()
         access_logger.removeHandler(handler)
@@ -361,7 +366,7 @@ def test_served_access_lines_reach_stdout_whole_and_in_order(capfd: pytest.Captu
         access_logger.setLevel(logging.NOTSET)
 
     lines = capfd.readouterr().out.splitlines()
-    assert [json.loads(line) for line in lines] == [dataclasses.asdict(record) for record in records]
+    assert [json.loads(line) for line in lines] == [_line(exchange) for exchange in exchanges]
 
 
 @pytest.mark.parametrize("now", [0.0, 1_764_504_000.0, 1_764_504_000.5, 1_764_504_059.999, 1_764_590_399.25])
@@ -388,7 +393,7 @@ def test_a_stdout_nobody_reads_drops_and_counts_lines_and_never_blocks() -> None
     read_end, write_end = os.pipe()
     try:
         handler = BatchedStdout(write_end, interval_s=0.01, max_pending=100, drain_s=0.2)
-        line = _record().json_line()
+        line = access_line(_exchange())
         for _ in range(5_000):  # about 2 MB: far more than a pipe and the bound hold
             handler.add(line)
         wait_for(lambda: handler.dropped > 0, what="dropped lines")
@@ -422,14 +427,14 @@ def test_serve_with_a_stalled_stdout_keeps_answering_and_stops_on_sigterm(
     config = tmp_path / "proxy.toml"
     config.write_text(config_toml(simulator_url, "[server]\nshutdown_grace_s = 2\n"))
     port = free_port()
+    # Not ProxyProcess, which writes the output to a file: here stdout is a pipe that nobody reads.
     command = [FILES_PROXY, "serve", "--config", str(config), "--port", str(port)]
     env = {**os.environ, **team_environment()}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env) as proxy:
         try:
             url = f"http://127.0.0.1:{port}"
             wait_until_up(url)
-            headers = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2026-10-21"}
-            with httpx.Client(base_url=url, headers=headers) as client:
+            with httpx.Client(base_url=url, headers=GA_HEADERS) as client:
                 statuses = {client.get("/v1/files").status_code for _ in range(12_000)}
                 metrics = client.get("/metrics").text
             assert statuses == {200}

@@ -8,6 +8,7 @@ from starlette.datastructures import Headers
 from proxy.auth import Authenticator, Caller
 from proxy.config import Tenant, hash_key
 from proxy.errors import AuthenticationError
+from tests.constants import SDK_VERSION
 
 ALPHA_KEY = "fp-test-alpha-3e9b1c"
 BRAVO_KEY = "fp-test-bravo-77d0a2"
@@ -85,7 +86,7 @@ def authenticator() -> Authenticator:
             [
                 ("content-type", "application/json"),
                 ("x-api-key", ALPHA_KEY),
-                ("anthropic-version", "2023-06-01"),
+                ("anthropic-version", SDK_VERSION),
             ],
             "alpha",
             {"x-api-key"},

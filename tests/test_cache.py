@@ -7,30 +7,24 @@ import json
 import pytest
 
 from proxy import cache
-from proxy.access import cache_result
 from proxy.cache import (
+    FORWARDED_BY_METHOD,
     TOMBSTONE,
-    UNCACHEABLE_STATUS,
-    Bump,
+    CacheOutcome,
     CachePolicy,
-    CappedAdd,
-    Delete,
+    CacheResult,
     Entry,
-    Expire,
     Freshness,
-    GuardedWrites,
-    HashSet,
-    Put,
-    forward_status,
+    TargetKind,
     normalise_query,
-    stale_status,
     target_for,
 )
 from proxy.config import CacheConfig
-from proxy.routes import Operation
+from proxy.writes import Bump, CappedAdd, Delete, Expire, GuardedWrites, HashSet, Put
+from tests.constants import FILES_BETA, SDK_VERSION, VERSION
 
-GA = ("2026-10-21", [])
-BETA = ("2023-06-01", ["files-api-2025-04-14"])
+GA = (VERSION, [])  # anthropic-version and betas, as target_for takes them
+BETA = (SDK_VERSION, [FILES_BETA])
 POLICY = CachePolicy(
     CacheConfig(
         metadata_ttl_s=100, list_ttl_s=10, stale_if_error_s=30, negative_ttl_s=5, max_list_pages_per_scope=3
@@ -40,10 +34,10 @@ POLICY = CachePolicy(
 
 
 def _target(
-    operation: Operation = Operation.LIST,
+    operation: TargetKind = TargetKind.LIST_PAGE,
     scope: str = "scope-a",
     workspace: str | None = None,
-    version: str = "2026-10-21",
+    version: str = VERSION,
     betas: tuple[str, ...] = (),
     file_id: str | None = None,
     query: bytes = b"limit=20",
@@ -61,8 +55,8 @@ def _file_json(file_id: str) -> dict[str, object]:
         pytest.param({"scope": "scope-a"}, {"scope": "scope-b"}, id="tenant-upstream-key"),
         pytest.param({"workspace": None}, {"workspace": "wrkspc_1"}, id="workspace-header"),
         pytest.param({"workspace": "wrkspc_1"}, {"workspace": "wrkspc_2"}, id="two-workspaces"),
-        pytest.param({"version": "2023-06-01"}, {"version": "2026-10-21"}, id="anthropic-version"),
-        pytest.param({"betas": ()}, {"betas": ("files-api-2025-04-14",)}, id="beta-vs-ga"),
+        pytest.param({"version": SDK_VERSION}, {"version": VERSION}, id="anthropic-version"),
+        pytest.param({"betas": ()}, {"betas": (FILES_BETA,)}, id="beta-vs-ga"),
         pytest.param({"query": b"limit=20"}, {"query": b"limit=21"}, id="query"),
         pytest.param({"query": b"ids%5B%5D=a"}, {"query": b"ids%5B%5D=a&ids%5B%5D=b"}, id="more-ids"),
         pytest.param({"query": b"ids[]=a&ids[]=b"}, {"query": b"ids[]=b&ids[]=a"}, id="ids-order"),
@@ -89,7 +83,7 @@ def test_equivalent_requests_share_a_list_key(one: dict[str, object], other: dic
 
 
 def test_keys_carry_the_scope_as_a_hash_tag_and_never_the_raw_workspace() -> None:
-    target = target_for(Operation.LIST, "scope-a", "wrkspc_secretish", "v", [], None, b"")
+    target = target_for(TargetKind.LIST_PAGE, "scope-a", "wrkspc_secretish", "v", [], None, b"")
     assert target.key.startswith("fp:{scope-a}:list:")
     assert target.generation_key == "fp:{scope-a}:gen"
     assert "wrkspc_secretish" not in target.key
@@ -107,20 +101,20 @@ def test_request_forms_that_reach_one_workspace_are_variants_of_one_scope(
     workspace: str | None, query: bytes
 ) -> None:
     """Answers stay apart, but one delete (file hash, generation) reaches every form."""
-    plain = target_for(Operation.METADATA, "s", None, *GA, "file_1", b"")
-    other = target_for(Operation.METADATA, "s", workspace, *GA, "file_1", query)
-    deleted = target_for(Operation.DELETE, "s", workspace, *GA, "file_1", query)
+    plain = target_for(TargetKind.FILE, "s", None, *GA, "file_1", b"")
+    other = target_for(TargetKind.FILE, "s", workspace, *GA, "file_1", query)
+    deleted = target_for(TargetKind.FILE, "s", workspace, *GA, "file_1", query)
     assert other.variant != plain.variant
     assert other.scope == plain.scope == deleted.scope
     assert other.key == plain.key == deleted.key
     assert other.generation_key == plain.generation_key
-    listed = target_for(Operation.LIST, "s", workspace, *GA, None, query)
-    assert listed.variant != target_for(Operation.LIST, "s", None, *GA, None, b"").variant
+    listed = target_for(TargetKind.LIST_PAGE, "s", workspace, *GA, None, query)
+    assert listed.variant != target_for(TargetKind.LIST_PAGE, "s", None, *GA, None, b"").variant
 
 
 def test_metadata_variants_share_one_hash_so_a_delete_drops_them_all() -> None:
-    ga = target_for(Operation.METADATA, "s", None, *GA, "file_1", b"")
-    beta = target_for(Operation.METADATA, "s", None, *BETA, "file_1", b"")
+    ga = target_for(TargetKind.FILE, "s", None, *GA, "file_1", b"")
+    beta = target_for(TargetKind.FILE, "s", None, *BETA, "file_1", b"")
     assert ga.key == beta.key
     assert ga.variant != beta.variant
 
@@ -142,7 +136,7 @@ def test_normalise_query_sorts_names_and_keeps_ids_in_order() -> None:
 )
 def test_a_query_the_cache_cannot_normalise_is_not_cached(query: bytes) -> None:
     assert normalise_query(query) is None
-    target = target_for(Operation.LIST, "s", None, *GA, None, query)
+    target = target_for(TargetKind.LIST_PAGE, "s", None, *GA, None, query)
     assert not target.cacheable and target.key == ""
 
 
@@ -157,7 +151,7 @@ def test_a_query_the_cache_cannot_normalise_is_not_cached(query: bytes) -> None:
     ],
 )
 def test_every_files_list_query_is_cacheable(query: bytes) -> None:
-    assert target_for(Operation.LIST, "s", None, *GA, None, query).cacheable
+    assert target_for(TargetKind.LIST_PAGE, "s", None, *GA, None, query).cacheable
 
 
 def test_memos_keyed_by_client_bytes_keep_only_short_keys() -> None:
@@ -166,7 +160,7 @@ def test_memos_keyed_by_client_bytes_keep_only_short_keys() -> None:
     long_query = b"limit=1&page=page_" + b"x" * 4000
     long_beta = ",".join(f"beta-{i}" for i in range(150))
     for _ in range(2):
-        assert target_for(Operation.LIST, "s", None, "2026-10-21", [long_beta], None, long_query).cacheable
+        assert target_for(TargetKind.LIST_PAGE, "s", None, VERSION, [long_beta], None, long_query).cacheable
     assert cache._remembered_query_hash.cache_info() == queries
     assert cache._remembered_variant.cache_info() == variants
 
@@ -198,7 +192,7 @@ def _answer(status: int, body: object) -> Entry:
 
 
 def test_a_list_page_is_stored_with_its_generation_and_fills_metadata() -> None:
-    target = target_for(Operation.LIST, "s", None, *GA, None, b"limit=2")
+    target = target_for(TargetKind.LIST_PAGE, "s", None, *GA, None, b"limit=2")
     page = {"data": [_file_json("file_1"), _file_json("file_2")], "next_page": None}
 
     writes = POLICY.writes_for_answer(target, _answer(200, page), generation=4)
@@ -220,7 +214,7 @@ def test_a_list_page_is_stored_with_its_generation_and_fills_metadata() -> None:
 def test_a_page_fetched_while_the_scope_has_no_generation_starts_one() -> None:
     """A missing generation (never set, evicted or wiped) starts at a random value, only if still
     missing; the page's file entries are guarded by "still missing", so they go before it starts."""
-    target = target_for(Operation.LIST, "s", None, *GA, None, b"")
+    target = target_for(TargetKind.LIST_PAGE, "s", None, *GA, None, b"")
     writes = POLICY.writes_for_answer(target, _answer(200, {"data": [_file_json("f")]}), generation=None)
     guarded = writes[0]
     assert isinstance(guarded, GuardedWrites) and guarded.expected is None
@@ -232,20 +226,20 @@ def test_a_page_fetched_while_the_scope_has_no_generation_starts_one() -> None:
 @pytest.mark.parametrize(
     ("operation", "status", "stored_ttl"),
     [
-        pytest.param(Operation.METADATA, 200, 100, id="metadata-200"),
-        pytest.param(Operation.METADATA, 404, 5, id="metadata-404-negative"),
-        pytest.param(Operation.METADATA, 500, None, id="metadata-500"),
-        pytest.param(Operation.METADATA, 529, None, id="metadata-529"),
-        pytest.param(Operation.METADATA, 401, None, id="metadata-401"),
-        pytest.param(Operation.LIST, 503, None, id="list-503"),
-        pytest.param(Operation.LIST, 400, None, id="list-400"),
-        pytest.param(Operation.LIST, 404, None, id="list-404"),
+        pytest.param(TargetKind.FILE, 200, 100, id="metadata-200"),
+        pytest.param(TargetKind.FILE, 404, 5, id="metadata-404-negative"),
+        pytest.param(TargetKind.FILE, 500, None, id="metadata-500"),
+        pytest.param(TargetKind.FILE, 529, None, id="metadata-529"),
+        pytest.param(TargetKind.FILE, 401, None, id="metadata-401"),
+        pytest.param(TargetKind.LIST_PAGE, 503, None, id="list-503"),
+        pytest.param(TargetKind.LIST_PAGE, 400, None, id="list-400"),
+        pytest.param(TargetKind.LIST_PAGE, 404, None, id="list-404"),
     ],
 )
 def test_only_200s_and_metadata_404s_are_stored(
-    operation: Operation, status: int, stored_ttl: int | None
+    operation: TargetKind, status: int, stored_ttl: int | None
 ) -> None:
-    target = target_for(operation, "s", None, *GA, "file_1" if operation is Operation.METADATA else None, b"")
+    target = target_for(operation, "s", None, *GA, "file_1" if operation is TargetKind.FILE else None, b"")
     writes = POLICY.writes_for_answer(target, _answer(status, _file_json("file_1")), generation=3)
     if stored_ttl is None:
         assert writes == []
@@ -261,14 +255,14 @@ def test_only_200s_and_metadata_404s_are_stored(
 
 
 def test_upload_bumps_the_generation_and_fills_its_metadata() -> None:
-    target = target_for(Operation.UPLOAD, "s", None, *GA, None, b"")
+    target = target_for(TargetKind.SCOPE, "s", None, *GA, None, b"")
     writes = POLICY.writes_after_upload(target, _answer(200, _file_json("file_9")))
     assert writes[:2] == [Bump("fp:{s}:gen", 7), Expire("fp:{s}:gen", cache.GENERATION_TTL_S)]
     assert any(isinstance(w, HashSet) and w.key == "fp:{s}:file:file_9" for w in writes)
 
 
 def test_delete_drops_every_variant_leaves_a_tombstone_and_bumps_the_generation() -> None:
-    target = target_for(Operation.DELETE, "s", None, *GA, "file_1", b"")
+    target = target_for(TargetKind.FILE, "s", None, *GA, "file_1", b"")
     writes = POLICY.writes_after_delete(target)
     assert writes[:2] == [Delete("fp:{s}:file:file_1"), HashSet("fp:{s}:file:file_1", TOMBSTONE, b"1")]
     assert Bump("fp:{s}:gen", 7) in writes
@@ -277,8 +271,8 @@ def test_delete_drops_every_variant_leaves_a_tombstone_and_bumps_the_generation(
 def test_zero_lifetimes_store_nothing() -> None:
     policy = CachePolicy(CacheConfig(metadata_ttl_s=0, list_ttl_s=0, stale_if_error_s=0, negative_ttl_s=0))
     page = {"data": [_file_json("file_1")]}
-    list_target = target_for(Operation.LIST, "s", None, *GA, None, b"")
-    meta_target = target_for(Operation.METADATA, "s", None, *GA, "file_1", b"")
+    list_target = target_for(TargetKind.LIST_PAGE, "s", None, *GA, None, b"")
+    meta_target = target_for(TargetKind.FILE, "s", None, *GA, "file_1", b"")
     assert policy.writes_for_answer(list_target, _answer(200, page), 0) == []
     assert policy.writes_for_answer(meta_target, _answer(200, _file_json("file_1")), 0) == []
 
@@ -286,20 +280,39 @@ def test_zero_lifetimes_store_nothing() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
+        pytest.param(CacheOutcome.hit(ttl=60, age=3), "files-proxy; hit; ttl=60", id="hit"),
+        pytest.param(CacheOutcome.fetched(stored=True), "files-proxy; fwd=uri-miss; stored", id="stored"),
         pytest.param(
-            forward_status("uri-miss", stored=True), "files-proxy; fwd=uri-miss; stored", id="stored"
+            CacheOutcome.fetched(collapsed=True), "files-proxy; fwd=uri-miss; collapsed", id="collapsed"
         ),
+        pytest.param(CacheOutcome.fetched(no_cache=True), "files-proxy; fwd=request", id="no-cache"),
+        pytest.param(FORWARDED_BY_METHOD, "files-proxy; fwd=method", id="method"),
         pytest.param(
-            forward_status("uri-miss", collapsed=True), "files-proxy; fwd=uri-miss; collapsed", id="collapsed"
+            CacheOutcome.stale(503, age=40), "files-proxy; fwd=stale; fwd-status=503", id="stale-503"
         ),
-        pytest.param(forward_status("method"), "files-proxy; fwd=method", id="method"),
-        pytest.param(stale_status(503), "files-proxy; fwd=stale; fwd-status=503", id="stale-503"),
-        pytest.param(stale_status(None), "files-proxy; fwd=stale", id="stale-timeout"),
+        pytest.param(CacheOutcome.stale(None, age=40), "files-proxy; fwd=stale", id="stale-timeout"),
+        pytest.param(
+            CacheOutcome.bypass("uncacheable-query"),
+            "files-proxy; fwd=bypass; detail=uncacheable-query",
+            id="uncacheable",
+        ),
     ],
 )
-def test_cache_status_values(value: str, expected: str) -> None:
-    assert value == expected
+def test_cache_status_values(value: CacheOutcome, expected: str) -> None:
+    """`Cache-Status` is rendered from the typed outcome (RFC 9211), never parsed back."""
+    assert value.cache_status() == expected
 
 
-def test_an_uncacheable_query_is_logged_as_a_bypass() -> None:
-    assert cache_result(UNCACHEABLE_STATUS) == "bypass"
+@pytest.mark.parametrize(
+    ("outcome", "result"),
+    [
+        (CacheOutcome.hit(ttl=1, age=0), CacheResult.HIT),
+        (CacheOutcome.fetched(), CacheResult.MISS),
+        (CacheOutcome.fetched(no_cache=True), CacheResult.MISS),
+        (CacheOutcome.stale(None, age=1), CacheResult.STALE),
+        (CacheOutcome.bypass("uncacheable-query"), CacheResult.BYPASS),
+        (FORWARDED_BY_METHOD, CacheResult.NONE),
+    ],
+)
+def test_each_outcome_is_logged_as_its_result(outcome: CacheOutcome, result: CacheResult) -> None:
+    assert outcome.result is result

@@ -5,39 +5,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
 import redis
-from pydantic import HttpUrl
 
 from files_api_simulator import Simulator
-from proxy.app import create_app
-from proxy.cache import BYPASS_STATUS, CachePolicy, Delete, Entry, Write, target_for
+from proxy.cache import CachePolicy, TargetKind, target_for
 from proxy.caching import ResponseCache
-from proxy.config import CacheConfig, Settings, UpstreamConfig
-from proxy.routes import Operation
-from proxy.store import CacheUnavailableError, CircuitBreaker, RedisStore, open_store
+from proxy.config import CacheConfig, Settings
+from proxy.reply import Reply
+from proxy.store import CacheUnavailableError, CircuitBreaker, open_store
+from proxy.writes import Delete, Write
+from tests.constants import ALPHA, BETA_HEADERS, GA_HEADERS, SDK_GA_HEADERS, VERSION
 from tests.relay import Relay
-from tests.support import ALPHA, BRAVO, RedisServer, Served, wait_for
-
-BETA = "files-api-2025-04-14"
-GA_HEADERS = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2026-10-21"}
-BETA_HEADERS = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01", "anthropic-beta": BETA}
-OLD_GA_HEADERS = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01"}
+from tests.support import RedisServer, served_proxy, team_settings, wait_for
 
 
 def _settings(upstream_url: str, cache_url: str, **cache: Any) -> Settings:
-    return Settings(
-        tenants=(ALPHA.tenant(), BRAVO.tenant()),
-        upstream=UpstreamConfig(base_url=HttpUrl(upstream_url), read_timeout_s=5),
-        cache=CacheConfig(url=cache_url, **cache),
-    )
+    return team_settings(upstream_url, upstream={"read_timeout_s": 5}, cache={"url": cache_url, **cache})
 
 
 def _is_hit(response: httpx.Response) -> bool:
@@ -71,7 +62,7 @@ def test_a_header_named_in_connection_is_neither_keyed_nor_forwarded(
         forwarded = [r for r in simulator.received if r.path == path][-1]
         assert forwarded.header("anthropic-beta") is None
 
-        ga = httpx.get(cached_proxy + path, headers=OLD_GA_HEADERS)
+        ga = httpx.get(cached_proxy + path, headers=SDK_GA_HEADERS)
         assert _is_hit(ga) and ga.content == first.content
         beta = httpx.get(cached_proxy + path, headers=BETA_HEADERS)
         assert beta.headers["cache-status"] == "files-proxy; fwd=uri-miss; stored"
@@ -118,8 +109,8 @@ def test_a_delete_held_through_a_partition_is_never_served_by_its_replica_and_re
     the file again; two cannot know and serves Redis's entry until the partition heals, then within
     the time to write the held delete plus `local_ttl_s`. Then one caches again."""
     with Relay(redis_server.port) as relay:
-        one = Served(create_app(_settings(simulator_url, relay.url, timeout_s=0.3)))
-        two = Served(create_app(_settings(simulator_url, redis_server.url)))
+        one = served_proxy(_settings(simulator_url, relay.url, timeout_s=0.3))
+        two = served_proxy(_settings(simulator_url, redis_server.url))
         with one, two:
             file_id = simulator.add_file(ALPHA.upstream_key, filename="held.bin", downloadable=False)
             metadata = f"/v1/files/{file_id}"
@@ -148,16 +139,16 @@ def test_a_restart_while_the_store_is_away_keeps_held_deletes_in_the_journal(
     journal = tmp_path / "held.jsonl"
     with Relay(redis_server.port) as relay:
         partitioned = _settings(simulator_url, relay.url, timeout_s=0.3, journal_path=str(journal))
-        with Served(create_app(_settings(simulator_url, redis_server.url))) as two:
+        with served_proxy(_settings(simulator_url, redis_server.url)) as two:
             file_id = simulator.add_file(ALPHA.upstream_key, filename="journal.bin", downloadable=False)
             metadata = f"/v1/files/{file_id}"
-            with Served(create_app(partitioned)) as one:
+            with served_proxy(partitioned) as one:
                 httpx.get(one.url + metadata, headers=GA_HEADERS)
                 relay.cut()
                 assert httpx.delete(one.url + metadata, headers=GA_HEADERS).status_code == 200
             assert journal.read_bytes()  # stopped gracefully with the delete still held
 
-            with Served(create_app(partitioned)):
+            with served_proxy(partitioned):
                 assert _is_hit(httpx.get(two.url + metadata, headers=GA_HEADERS))
                 relay.restore()
                 wait_for(lambda: httpx.get(two.url + metadata, headers=GA_HEADERS).status_code == 404, 10)
@@ -186,17 +177,20 @@ class ScriptedStore:
     async def get_or_start(self, key: str, value: bytes, ttl_s: int) -> bytes:
         return value
 
+    def back_for_s(self) -> float:
+        return math.inf  # never away: the writes fail, not the store as a whole
+
     @contextlib.contextmanager
     def request_budget(self) -> Iterator[None]:
         yield
 
 
-async def _file(file_id: str) -> Entry:
-    return Entry(200, (), b'{"id":"%s","type":"file"}' % file_id.encode(), time.time(), 0.0, 0.0)
+async def _file(file_id: str) -> Reply:
+    return Reply(200, (), b'{"id":"%s","type":"file"}' % file_id.encode())
 
 
 def _metadata(scope: str, file_id: str) -> Any:
-    return target_for(Operation.METADATA, scope, None, "2026-10-21", [], file_id, b"")
+    return target_for(TargetKind.FILE, scope, None, VERSION, [], file_id, b"")
 
 
 @pytest.mark.anyio
@@ -205,8 +199,8 @@ async def test_while_a_scope_has_held_invalidations_this_replica_neither_reads_n
     a miss (the store still holds what it drops), other scopes read the store as usual."""
     store = ScriptedStore()
     policy = CachePolicy(CacheConfig())
-    cache = ResponseCache(policy, cast(RedisStore, store), collapse_timeout_s=1)
-    deleted = target_for(Operation.DELETE, "held", None, "2026-10-21", [], "file_1", b"")
+    cache = ResponseCache(policy, store, collapse_timeout_s=1)
+    deleted = target_for(TargetKind.FILE, "held", None, VERSION, [], "file_1", b"")
     store.down = True
     await cache.invalidate(deleted, policy.writes_after_delete(deleted))
     release = asyncio.Event()
@@ -215,16 +209,16 @@ async def test_while_a_scope_has_held_invalidations_this_replica_neither_reads_n
         await asyncio.sleep(0.01)
 
     answer = await cache.read(_metadata("held", "file_1"), lambda: _file("file_1"), no_cache=False)
-    assert answer.cache_status == BYPASS_STATUS
+    assert answer.outcome.cache_status() == "files-proxy; fwd=bypass; detail=cache-unavailable"
     assert store.reads[_metadata("held", "file_1").key] == 0
     other = await cache.read(_metadata("free", "file_2"), lambda: _file("file_2"), no_cache=False)
-    assert other.cache_status == "files-proxy; fwd=uri-miss; stored"
+    assert other.outcome.cache_status() == "files-proxy; fwd=uri-miss; stored"
 
     release.set()
     while cache.held:
         await asyncio.sleep(0.01)
     after = await cache.read(_metadata("held", "file_1"), lambda: _file("file_1"), no_cache=False)
-    assert after.cache_status == "files-proxy; fwd=uri-miss; stored"
+    assert after.outcome.cache_status() == "files-proxy; fwd=uri-miss; stored"
     assert store.reads[_metadata("held", "file_1").key] == 1
     await cache.aclose()
 
@@ -242,7 +236,7 @@ async def test_a_backlog_of_12000_deletes_drains_in_chunks_while_reads_go_on(
             assert await store.ping()
             relay.cut()
             targets = [
-                target_for(Operation.DELETE, "backlog", None, "2026-10-21", [], f"file_{n}", b"")
+                target_for(TargetKind.FILE, "backlog", None, VERSION, [], f"file_{n}", b"")
                 for n in range(12_000)
             ]
             for target in targets:
@@ -257,7 +251,7 @@ async def test_a_backlog_of_12000_deletes_drains_in_chunks_while_reads_go_on(
                 answer = await cache.read(
                     _metadata("other", "file_x"), lambda: _file("file_x"), no_cache=True
                 )
-                reads[answer.cache_status] += 1
+                reads[answer.outcome.cache_status()] += 1
                 await asyncio.sleep(0.01)
             assert not cache.held, f"{cache.held} still held"
 
@@ -270,7 +264,7 @@ async def test_a_backlog_of_12000_deletes_drains_in_chunks_while_reads_go_on(
             resumed = await cache.read(
                 _metadata("backlog", "file_new"), lambda: _file("file_new"), no_cache=False
             )
-            assert resumed.cache_status == "files-proxy; fwd=uri-miss; stored"
+            assert resumed.outcome.cache_status() == "files-proxy; fwd=uri-miss; stored"
         finally:
             await cache.aclose()
             await store.aclose()
@@ -372,10 +366,10 @@ async def test_a_fill_that_raced_a_delete_stores_nothing_once_the_tombstone_is_g
     policy = CachePolicy(CacheConfig())
     cache = ResponseCache(policy, store, collapse_timeout_s=5)
     metadata = _metadata("raced", "file_r")
-    deleted = target_for(Operation.DELETE, "raced", None, "2026-10-21", [], "file_r", b"")
+    deleted = target_for(TargetKind.FILE, "raced", None, VERSION, [], "file_r", b"")
     fetching, answer_now = asyncio.Event(), asyncio.Event()
 
-    async def slow_fetch() -> Entry:
+    async def slow_fetch() -> Reply:
         fetching.set()
         await answer_now.wait()
         return await _file("file_r")  # read upstream before the delete
@@ -391,7 +385,7 @@ async def test_a_fill_that_raced_a_delete_stores_nothing_once_the_tombstone_is_g
         answer_now.set()
         answer = await reading
 
-        assert answer.entry.status == 200  # its own client still gets the answer it asked for
+        assert answer.reply.status == 200  # its own client still gets the answer it asked for
         assert await store.hmget(metadata.key, [metadata.variant]) == [None]
     finally:
         await cache.aclose()

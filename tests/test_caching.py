@@ -11,11 +11,8 @@ import httpx
 import pytest
 
 from files_api_simulator import Simulator
-from tests.support import ALPHA, BRAVO, FakeClock, RedisServer, wait_for
-
-BETA = "files-api-2025-04-14"
-GA_HEADERS = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2026-10-21"}
-BETA_HEADERS = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01", "anthropic-beta": BETA}
+from tests.constants import ALPHA, BETA_HEADERS, BRAVO, GA_HEADERS
+from tests.support import FakeClock, RedisServer, wait_for
 
 
 @pytest.fixture

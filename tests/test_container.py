@@ -25,8 +25,10 @@ from pathlib import Path, PurePosixPath
 from types import ModuleType
 from typing import Any
 
+import pathspec
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 
 from proxy.config import Settings, load_settings
 from tests.support import WATCH, config_toml, free_port, team_environment
@@ -82,28 +84,21 @@ class Instruction:
     arguments: str
 
 
-def dockerfile_instructions(text: str) -> list[Instruction]:
-    """Logical instructions: continuation lines joined, comments and blank lines dropped."""
-    instructions: list[Instruction] = []
-    current = ""
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.endswith("\\"):
-            current += stripped[:-1].rstrip() + " "
-            continue
-        keyword, _, arguments = (current + stripped).partition(" ")
-        instructions.append(Instruction(keyword.upper(), arguments.strip()))
-        current = ""
-    assert not current, "the Dockerfile ends inside a continued line"
-    return instructions
+def dockerfile_instructions() -> list[Instruction]:
+    """The Dockerfile's instructions as dockerfile-parse reads them: keywords upper-cased, continuation
+    lines joined; comments (the `# syntax=` directive among them) dropped."""
+    parsed = DockerfileParser(str(DOCKERFILE), cache_content=True)
+    return [
+        Instruction(entry["instruction"], entry["value"])
+        for entry in parsed.structure
+        if entry["instruction"] != "COMMENT"
+    ]
 
 
 def stages() -> list[list[Instruction]]:
     """The Dockerfile's build stages, each starting with its FROM."""
     result: list[list[Instruction]] = []
-    for instruction in dockerfile_instructions(DOCKERFILE.read_text()):
+    for instruction in dockerfile_instructions():
         if instruction.keyword == "FROM":
             result.append([])
         assert result, f"{instruction.keyword} before the first FROM"
@@ -158,7 +153,7 @@ def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
             )
         if instruction.keyword == "RUN":
             assert not re.search(r"\b(pip|apt-get|apt|apk|gcc|make)\b", instruction.arguments), instruction
-    for instruction in dockerfile_instructions(DOCKERFILE.read_text()):
+    for instruction in dockerfile_instructions():
         if instruction.keyword in {"ENV", "ARG"}:
             assert not re.search(r"KEY|SECRET|TOKEN|PASSWORD", instruction.arguments, re.I), instruction
         if instruction.keyword in {"COPY", "ADD"}:
@@ -174,44 +169,35 @@ def test_dockerfile_is_multi_stage_slim_and_non_root() -> None:
     assert health[0] == "python" and any(HEALTH_URL in arg for arg in health), health
 
 
-def dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
-    """(excluded, pattern) in file order; as in Docker, the last pattern that matches a path or one
-    of its parent folders decides."""
-    patterns: list[tuple[bool, re.Pattern[str]]] = []
+def dockerignore() -> pathspec.PathSpec[Any]:
+    """The .dockerignore as pathspec "gitignore" patterns in a plain PathSpec, where the last pattern
+    that matches wins, as in Docker (GitIgnoreSpec adds Git's own precedence rules, which Docker does
+    not have). Docker cleans each pattern of a leading and trailing "/" and matches it from the root of
+    the context, where a .gitignore pattern without a "/" would match at any depth: so each one is
+    anchored with a leading "/". A leading "!" re-includes and "**" matches any number of folders in
+    both; that a pattern matching a parent folder matches the path is `in_build_context`'s part."""
+    patterns = []
     for line in DOCKERIGNORE.read_text().splitlines():
         line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negated = line.startswith("!")
-        glob = line.removeprefix("!").strip("/")
-        regex = ""
-        for part in re.split(r"(\*\*/?|\*|\?|\[[^\]]*\])", glob):
-            if part.startswith("[") and part.endswith("]"):
-                regex += part
-            elif part.startswith("**"):
-                regex += "(?:.*/)?" if part.endswith("/") else ".*"
-            elif part == "*":
-                regex += "[^/]*"
-            elif part == "?":
-                regex += "[^/]"
-            else:
-                regex += re.escape(part)
-        patterns.append((not negated, re.compile(regex)))
-    return patterns
+        if line and not line.startswith("#"):
+            negation = "!" if line.startswith("!") else ""
+            patterns.append(f"{negation}/{line.removeprefix('!').strip('/')}")
+    return pathspec.PathSpec.from_lines("gitignore", patterns)
 
 
-def in_build_context(path: str, patterns: list[tuple[bool, re.Pattern[str]]]) -> bool:
+def in_build_context(path: str, ignore: pathspec.PathSpec[Any]) -> bool:
+    """As in Docker, the last pattern that matches the path or one of its parent folders decides."""
     parts = PurePosixPath(path).parts
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    included = True
-    for excluded, pattern in patterns:
-        if any(pattern.fullmatch(prefix) for prefix in prefixes):
-            included = not excluded
-    return included
+    checks = [ignore.check_file("/".join(parts[: i + 1])) for i in range(len(parts))]
+    decided = [check for check in checks if check.index is not None]
+    if not decided:
+        return True
+    last = max(decided, key=lambda check: check.index or 0)
+    return not last.include
 
 
 def test_dockerignore_keeps_the_context_to_what_the_build_copies() -> None:
-    patterns = dockerignore_patterns()
+    patterns = dockerignore()
     for path in ["pyproject.toml", "README.md", "proxy/__init__.py", "proxy/cli.py"]:
         assert in_build_context(path, patterns), f"{path} is needed by the build but ignored"
     for path in [
@@ -229,6 +215,7 @@ def test_dockerignore_keeps_the_context_to_what_the_build_copies() -> None:
         "proxy/__pycache__/cli.cpython-311.pyc",
         "proxy/stale.pyc",
         "files_proxy.egg-info/PKG-INFO",
+        "bench/README.md",  # "!README.md" re-includes the root's README only
     ]:
         assert not in_build_context(path, patterns), f"{path} would be sent to the build"
     # Whatever the builder copies from the context is in it.

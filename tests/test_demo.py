@@ -6,18 +6,15 @@ import contextlib
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import anthropic
 import httpx
 import psutil
 import pytest
 
-from tests.support import WATCH, free_port
-
-FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
+from tests.constants import FILES_BETA
+from tests.support import FILES_PROXY, WATCH, free_port
 
 
 @contextlib.contextmanager
@@ -91,7 +88,7 @@ def test_simulate_answers_the_sdk_directly_in_both_generations() -> None:
             page = client.files.list()
             assert [f.id for f in page.data] == [uploaded.id]
             assert page.next_page is None
-            beta_page = client.beta.files.list(betas=["files-api-2025-04-14"])
+            beta_page = client.beta.files.list(betas=[FILES_BETA])
             assert [f.id for f in beta_page.data] == [uploaded.id]
             assert beta_page.to_dict().keys() == {"data", "has_more", "first_id", "last_id"}
         assert _interrupt(process) == 0

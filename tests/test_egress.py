@@ -16,10 +16,10 @@ import trustme
 from pydantic import HttpUrl
 
 from files_api_simulator import Simulator
-from proxy.app import create_app
 from proxy.cli import main
-from proxy.config import ConfigError, EgressProxy, Settings, UpstreamConfig, load_settings
-from tests.support import ALPHA, BRAVO, Served, config_toml, team_environment
+from proxy.config import ConfigError, EgressProxy, UpstreamConfig, load_settings
+from tests.constants import ALPHA, SDK_GA_HEADERS
+from tests.support import Served, config_toml, served_proxy, team_environment, team_settings
 from tests.upstream_support import ServedTLS, TinyProxy, write_ca
 
 PROXY_USER, PROXY_PASSWORD = "egress", "s3cret-proxy-pass"
@@ -52,13 +52,8 @@ def open_tinyproxy(tmp_path: Path) -> Iterator[TinyProxy]:
 
 
 def _proxy(upstream_url: str, ca_file: Path, **upstream: Any) -> Served:
-    settings = Settings(
-        tenants=(ALPHA.tenant(), BRAVO.tenant()),
-        upstream=UpstreamConfig(
-            base_url=HttpUrl(upstream_url), read_timeout_s=5, ca_file=str(ca_file), **upstream
-        ),
-    )
-    return Served(create_app(settings))
+    upstream = {"read_timeout_s": 5, "ca_file": str(ca_file), **upstream}
+    return served_proxy(team_settings(upstream_url, upstream=upstream))
 
 
 def _use(proxy_url: str, simulator: Simulator) -> None:
@@ -110,9 +105,7 @@ def test_credentials_from_a_file_work_and_wrong_ones_are_a_502_naming_no_secret(
         caplog.at_level(logging.DEBUG),
         _proxy(tls_upstream.url, ca_file, proxy_url=tinyproxy.url, proxy_auth_file=str(bad)) as proxy,
     ):
-        response = httpx.get(
-            f"{proxy.url}/v1/files", headers={"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01"}
-        )
+        response = httpx.get(f"{proxy.url}/v1/files", headers=SDK_GA_HEADERS)
 
     assert response.status_code == 502
     assert response.json()["error"]["type"] == "api_error"

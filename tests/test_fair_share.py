@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from files_api_simulator import Simulator
-from tests.support import ALPHA, BRAVO, wait_for
+from tests.constants import ALPHA, BRAVO, SDK_GA_HEADERS, SDK_VERSION
+from tests.support import wait_for
 
 STALLED = 100
 SHARE = 4  # half of max_connections
@@ -30,7 +31,7 @@ def _open_unread_download(port: int, file_id: str) -> socket.socket:
     conn.connect(("127.0.0.1", port))
     conn.sendall(
         f"GET /v1/files/{file_id}/content HTTP/1.1\r\nhost: p\r\nx-api-key: {ALPHA.proxy_key}\r\n"
-        "anthropic-version: 2023-06-01\r\nconnection: close\r\n\r\n".encode()
+        f"anthropic-version: {SDK_VERSION}\r\nconnection: close\r\n\r\n".encode()
     )
     return conn
 
@@ -111,7 +112,7 @@ def test_a_team_past_its_share_waits_then_gets_504_while_others_pass(
     third waits; with a pool timeout of 0.3 s it gets 504, and the other team is not delayed."""
     url = serve_proxy(upstream={"max_connections": 4, "pool_timeout_s": 0.3})
     simulator.inject_fault(delay_s=0.8, method="GET", times=2)
-    headers = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01", "cache-control": "no-cache"}
+    headers = {**SDK_GA_HEADERS, "cache-control": "no-cache"}
 
     with httpx.Client(base_url=url, timeout=10) as client:
         with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:

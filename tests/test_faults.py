@@ -14,9 +14,8 @@ import httpx
 import pytest
 
 from files_api_simulator import Simulator
-from tests.support import ALPHA, FakeClock, RedisServer, free_port, wait_for
-
-GA_HEADERS = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2026-10-21"}
+from tests.constants import ALPHA, GA_HEADERS
+from tests.support import FakeClock, RedisServer, free_port, wait_for
 
 
 def _assert_proxy_error(response: httpx.Response, status: int, error_type: str) -> None:

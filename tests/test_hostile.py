@@ -16,12 +16,13 @@ import httpx
 import pytest
 
 from files_api_simulator import Simulator
-from tests.support import ALL_SECRETS, ALPHA, BRAVO, SharedProxy, raw_http, wait_for
+from tests.constants import ALL_SECRETS, ALPHA, BRAVO, GA_HEADERS, VERSION
+from tests.support import SharedProxy, raw_http, wait_for
 
 MAX_UPLOAD_BYTES = 100_000
 BODY_TIMEOUT_S = 0.5
 
-GA = [("x-api-key", ALPHA.proxy_key), ("anthropic-version", "2026-10-21")]
+GA = list(GA_HEADERS.items())  # as (name, value) pairs, for `_send` and `_head`
 FILE_PART_HEAD = b'--b\r\ncontent-disposition: form-data; name="file"; filename="x.bin"\r\n\r\n'
 MULTIPART_TAIL = b"\r\n--b--\r\n"
 MULTIPART = [("content-type", "multipart/form-data; boundary=b")]
@@ -149,7 +150,7 @@ def test_raw_nul_byte_is_refused_by_the_http_parser(
 ) -> None:
     """A raw NUL is not HTTP at all: uvicorn's parser answers its own plain 400 before the app runs
     (the one answer not in Anthropic's envelope), and nothing reaches upstream."""
-    auth = f"x-api-key: {ALPHA.proxy_key}\r\nanthropic-version: 2026-10-21\r\n".encode()
+    auth = f"x-api-key: {ALPHA.proxy_key}\r\nanthropic-version: {VERSION}\r\n".encode()
     status, _, body = raw_http(_port(proxy_url), head + b"host: p\r\nconnection: close\r\n" + auth + b"\r\n")
     assert status == 400
     assert ALPHA.proxy_key.encode() not in body
@@ -232,7 +233,7 @@ def test_60kb_credential_header_is_refused_and_not_echoed(
     proxy_url: str, simulator: Simulator, name: str
 ) -> None:
     value = ("k" * 60_000) if name == "x-api-key" else "Bearer " + "k" * 60_000
-    answer = _send(proxy_url, "GET", "/v1/files", [(name, value), ("anthropic-version", "2026-10-21")])
+    answer = _send(proxy_url, "GET", "/v1/files", [(name, value), ("anthropic-version", VERSION)])
 
     _assert_proxy_error(answer, 401, "authentication_error")
     assert b"kkkk" not in answer[2]
@@ -319,7 +320,7 @@ def test_duplicate_auth_headers_naming_one_key_are_accepted_once(
     upstream_forms: list[tuple[str, str]],
 ) -> None:
     """The same key in several headers is one key: upstream gets each form once, with the tenant's key."""
-    answer = _send(proxy_url, "GET", "/v1/files", [*headers, ("anthropic-version", "2026-10-21")])
+    answer = _send(proxy_url, "GET", "/v1/files", [*headers, ("anthropic-version", VERSION)])
 
     assert answer[0] == 200
     [received] = simulator.received
@@ -347,7 +348,7 @@ def test_duplicate_auth_headers_naming_one_key_are_accepted_once(
 def test_conflicting_auth_headers_are_refused_never_resolved_to_one_tenant(
     proxy_url: str, simulator: Simulator, headers: list[tuple[str, str]]
 ) -> None:
-    answer = _send(proxy_url, "GET", "/v1/files", [*headers, ("anthropic-version", "2026-10-21")])
+    answer = _send(proxy_url, "GET", "/v1/files", [*headers, ("anthropic-version", VERSION)])
 
     _assert_proxy_error(answer, 401, "authentication_error")
     assert simulator.received == []

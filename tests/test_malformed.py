@@ -9,14 +9,13 @@ import httpx
 import pytest
 
 from files_api_simulator import Simulator
-from tests.support import ALPHA
+from tests.constants import ALPHA, GA_HEADERS
 
 HTML = "<html><body>Gateway says hello</body></html>"
-GA = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2026-10-21"}
 
 
 def _twice(url: str) -> list[httpx.Response]:
-    return [httpx.get(url, headers=GA) for _ in range(2)]
+    return [httpx.get(url, headers=GA_HEADERS) for _ in range(2)]
 
 
 @pytest.mark.parametrize(
@@ -76,8 +75,8 @@ def test_a_list_page_with_a_malformed_item_fills_no_metadata(proxy_url: str, sim
     page = f'{{"data": [{{"id": "{file_id}", "type": "file"}}, {{"type": "file"}}], "next_page": null}}'
     simulator.inject_fault(body=page, headers={"content-type": "application/json"})
 
-    assert httpx.get(f"{proxy_url}/v1/files", headers=GA).text == page
-    metadata = httpx.get(f"{proxy_url}/v1/files/{file_id}", headers=GA)
+    assert httpx.get(f"{proxy_url}/v1/files", headers=GA_HEADERS).text == page
+    metadata = httpx.get(f"{proxy_url}/v1/files/{file_id}", headers=GA_HEADERS)
 
     assert metadata.headers["cache-status"] == "files-proxy; fwd=uri-miss; stored"
     assert metadata.json()["filename"] == "k.bin"

@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from proxy.cache import Bump, CappedAdd, Delete, Expire, HashIncrement, HashSet, Put, Write
 from proxy.memory_budget import MemoryBudget
 from proxy.store import open_store
+from proxy.writes import Bump, CappedAdd, Delete, Expire, HashIncrement, HashSet, Put, Write
 
 pytestmark = pytest.mark.anyio
 

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,31 +14,25 @@ from pathlib import Path
 import anthropic
 import httpx
 import pytest
-from pydantic import HttpUrl
 
 from files_api_simulator import Simulator
-from proxy.app import create_app
-from proxy.cache import Put, target_for
-from proxy.config import CacheConfig, Settings, UpstreamConfig
-from proxy.routes import Operation
+from proxy.cache import TargetKind, target_for
 from proxy.store import RedisStore, open_store
+from proxy.writes import Put
+from tests.constants import ADMIN_KEY, ALPHA, BRAVO, FILES_BETA, SDK_VERSION, VERSION
 from tests.support import (
-    ALPHA,
-    BRAVO,
-    WATCH,
     FakeClock,
+    ProxyProcess,
     RedisClusterNodes,
     RedisServer,
-    Served,
     free_port,
+    served_proxy,
+    team_settings,
     wait_for,
-    wait_until_up,
 )
 
-FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
 ROTATED_UPSTREAM_KEY = "sk-ant-test-alpha-rotated-91"
 ROTATED_PROXY_KEY = "fp-test-alpha-rotated-5d"
-ADMIN_KEY = "fp-admin-ops-77"
 
 
 @pytest.fixture
@@ -65,38 +58,21 @@ def _config(upstream_url: str, key_file: Path, proxy_keys: list[str], extra: str
     )
 
 
-class ProxyProcess:
-    """`files-proxy serve` in its own process, with its config file and output kept for the test."""
-
-    def __init__(self, folder: Path, upstream_url: str) -> None:
-        self.key_file = folder / "alpha.key"
-        self.key_file.write_text(ALPHA.upstream_key)
-        self.config = folder / "proxy.toml"
-        self.config.write_text(_config(upstream_url, self.key_file, [ALPHA.proxy_key]))
-        self.output = folder / "proxy.out"
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [FILES_PROXY, "serve", "--config", str(self.config), "--port", str(self.port)]
-        with self.output.open("w") as sink:
-            self.process = subprocess.Popen(command, stdout=sink, stderr=sink)
-        wait_until_up(self.url)
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-        code = self.process.wait(timeout=30)
-        WATCH.feed(self.output.read_text())
-        return code
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    """Alpha's Anthropic key, in the file its `api_key_file` names."""
+    path = tmp_path / "alpha.key"
+    path.write_text(ALPHA.upstream_key)
+    return path
 
 
 @pytest.fixture
-def proxy_process(simulator_url: str, tmp_path: Path) -> Iterator[ProxyProcess]:
-    proxy = ProxyProcess(tmp_path, simulator_url)
-    yield proxy
-    proxy.stop()
+def proxy_process(simulator_url: str, tmp_path: Path, key_file: Path) -> Iterator[ProxyProcess]:
+    """`files-proxy serve` for alpha alone, whose config file and key file the tests rewrite."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(_config(simulator_url, key_file, [ALPHA.proxy_key]))
+    with ProxyProcess(config, tmp_path / "proxy.out") as proxy:
+        yield proxy
 
 
 def _slow_multipart(size: int, pause_s: float, started: threading.Event) -> Iterator[bytes]:
@@ -114,7 +90,7 @@ def _upload_in_background(
     answers: list[httpx.Response] = []
     headers = {
         "x-api-key": proxy_key,
-        "anthropic-version": "2026-10-21",
+        "anthropic-version": VERSION,
         "content-type": "multipart/form-data; boundary=b",
         "content-length": str(
             len(b'--b\r\ncontent-disposition: form-data; name="file"; filename="slow.bin"\r\n\r\n')
@@ -153,10 +129,10 @@ def test_sigterm_finishes_an_upload_in_flight_then_exits(
 
 
 def test_sighup_rotates_keys_and_a_bad_config_keeps_the_running_one(
-    proxy_process: ProxyProcess, simulator: Simulator, simulator_url: str
+    proxy_process: ProxyProcess, simulator: Simulator, simulator_url: str, key_file: Path
 ) -> None:
     def files(proxy_key: str) -> int:
-        headers = {"x-api-key": proxy_key, "anthropic-version": "2026-10-21", "cache-control": "no-cache"}
+        headers = {"x-api-key": proxy_key, "anthropic-version": VERSION, "cache-control": "no-cache"}
         return httpx.get(f"{proxy_process.url}/v1/files", headers=headers).status_code
 
     assert (files(ALPHA.proxy_key), files(ROTATED_PROXY_KEY)) == (200, 401)
@@ -165,10 +141,8 @@ def test_sighup_rotates_keys_and_a_bad_config_keeps_the_running_one(
     started = threading.Event()
     thread, answers = _upload_in_background(proxy_process.url, ALPHA.proxy_key, started, size=10_000)
     assert started.wait(5)
-    proxy_process.key_file.write_text(ROTATED_UPSTREAM_KEY)
-    proxy_process.config.write_text(
-        _config(simulator_url, proxy_process.key_file, [ALPHA.proxy_key, ROTATED_PROXY_KEY])
-    )
+    key_file.write_text(ROTATED_UPSTREAM_KEY)
+    proxy_process.config.write_text(_config(simulator_url, key_file, [ALPHA.proxy_key, ROTATED_PROXY_KEY]))
     proxy_process.signal(signal.SIGHUP)
     wait_for(lambda: files(ROTATED_PROXY_KEY) == 200)
     thread.join(timeout=30)
@@ -178,14 +152,12 @@ def test_sighup_rotates_keys_and_a_bad_config_keeps_the_running_one(
     assert any(r.header("x-api-key") == ROTATED_UPSTREAM_KEY for r in simulator.received if r.method == "GET")
 
     # Step 2: the old proxy key is retired.
-    proxy_process.config.write_text(_config(simulator_url, proxy_process.key_file, [ROTATED_PROXY_KEY]))
+    proxy_process.config.write_text(_config(simulator_url, key_file, [ROTATED_PROXY_KEY]))
     proxy_process.signal(signal.SIGHUP)
     wait_for(lambda: files(ALPHA.proxy_key) == 401)
 
     # A bad config is refused with a log line; the running config stays.
-    proxy_process.config.write_text(
-        _config(simulator_url, proxy_process.key_file, [ALPHA.proxy_key], "colour = 1\n")
-    )
+    proxy_process.config.write_text(_config(simulator_url, key_file, [ALPHA.proxy_key], "colour = 1\n"))
     proxy_process.signal(signal.SIGHUP)
     wait_for(lambda: "config reload rejected" in proxy_process.output.read_text())
     assert "tenants[0].colour: unknown key" in proxy_process.output.read_text()
@@ -193,12 +165,12 @@ def test_sighup_rotates_keys_and_a_bad_config_keeps_the_running_one(
 
 
 def test_admin_reload_applies_a_good_config_and_refuses_a_bad_one(
-    proxy_process: ProxyProcess, simulator_url: str
+    proxy_process: ProxyProcess, simulator_url: str, key_file: Path
 ) -> None:
     admin = {"authorization": f"Bearer {ADMIN_KEY}"}
     assert httpx.post(f"{proxy_process.url}/admin/reload").status_code == 401
 
-    proxy_process.config.write_text(_config(simulator_url, proxy_process.key_file, [ROTATED_PROXY_KEY]))
+    proxy_process.config.write_text(_config(simulator_url, key_file, [ROTATED_PROXY_KEY]))
     good = httpx.post(f"{proxy_process.url}/admin/reload", headers=admin)
     assert good.json() == {"reloaded": True, "tenants": 1}
 
@@ -206,7 +178,7 @@ def test_admin_reload_applies_a_good_config_and_refuses_a_bad_one(
     bad = httpx.post(f"{proxy_process.url}/admin/reload", headers=admin)
     assert bad.status_code == 400
     assert "running config stays" in bad.json()["error"]["message"]
-    headers = {"x-api-key": ROTATED_PROXY_KEY, "anthropic-version": "2026-10-21"}
+    headers = {"x-api-key": ROTATED_PROXY_KEY, "anthropic-version": VERSION}
     assert httpx.get(f"{proxy_process.url}/v1/files", headers=headers).status_code == 200
 
 
@@ -214,13 +186,9 @@ def test_two_replicas_share_one_redis(simulator_url: str, redis_server: RedisSer
     """A page cached by one replica is a hit on the other. A delete through one takes effect on the
     other within `local_ttl_s` (its in-process copy of a hit lives that long), and on the replica
     that made it at once."""
-    settings = Settings(
-        tenants=(ALPHA.tenant(), BRAVO.tenant()),
-        upstream=UpstreamConfig(base_url=HttpUrl(simulator_url)),
-        cache=CacheConfig(url=redis_server.url, local_ttl_s=2),
-    )
+    settings = team_settings(simulator_url, cache={"url": redis_server.url, "local_ttl_s": 2})
     clock = FakeClock()
-    with Served(create_app(settings, clock=clock)) as one, Served(create_app(settings, clock=clock)) as two:
+    with served_proxy(settings, clock=clock) as one, served_proxy(settings, clock=clock) as two:
         with (
             anthropic.Anthropic(base_url=one.url, api_key=ALPHA.proxy_key, max_retries=0) as first,
             anthropic.Anthropic(base_url=two.url, api_key=ALPHA.proxy_key, max_retries=0) as second,
@@ -249,10 +217,10 @@ def test_two_replicas_share_one_redis(simulator_url: str, redis_server: RedisSer
 def test_scope_keys_share_one_cluster_slot(redis_cluster: RedisClusterNodes) -> None:
     """Every key of one scope (generation, list pages, file entries) hashes to one slot."""
     targets = [
-        target_for(Operation.LIST, "scope-a", "wrkspc_1", "2026-10-21", [], None, b"limit=5"),
-        target_for(Operation.LIST, "scope-a", "wrkspc_1", "2023-06-01", ["files-api-2025-04-14"], None, b""),
-        target_for(Operation.METADATA, "scope-a", "wrkspc_1", "2026-10-21", [], "file_1", b""),
-        target_for(Operation.DELETE, "scope-a", "wrkspc_1", "2026-10-21", [], "file_2", b""),
+        target_for(TargetKind.LIST_PAGE, "scope-a", "wrkspc_1", VERSION, [], None, b"limit=5"),
+        target_for(TargetKind.LIST_PAGE, "scope-a", "wrkspc_1", SDK_VERSION, [FILES_BETA], None, b""),
+        target_for(TargetKind.FILE, "scope-a", "wrkspc_1", VERSION, [], "file_1", b""),
+        target_for(TargetKind.FILE, "scope-a", "wrkspc_1", VERSION, [], "file_2", b""),
     ]
     keys = [t.key for t in targets] + [targets[0].generation_key]
     assert len({redis_cluster.keyslot(key) for key in keys}) == 1

@@ -25,13 +25,12 @@ from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.cli import main
 from proxy.config import Settings, hash_key, load_settings
-from tests.support import RedisServer, Served, free_port, wait_for
+from tests.constants import ADMIN_KEY, FILES_BETA, SDK_VERSION
+from tests.support import RedisServer, Served, free_port, served_proxy, wait_for
 
 SHARED_KEY, SOLO_KEY = "sk-ant-test-shared-5c0ffee", "sk-ant-test-solo-b1eed"
 TEAMS = {"red": "fp-test-red-1a2b", "blue": "fp-test-blue-3c4d", "green": "fp-test-green-5e6f"}
 SOLO = "fp-test-solo-7a8b"
-ADMIN = "fp-test-admin-9c0d"
-BETA = ["files-api-2025-04-14"]
 ENVIRON = {"KEY_SHARED": SHARED_KEY, "KEY_SOLO": SOLO_KEY}
 
 
@@ -39,7 +38,7 @@ def config_text(upstream: str, store: str, ownership: str = "", tenants: dict[st
     lines = [
         f'[upstream]\nbase_url = "{upstream}"\nread_timeout_s = 5\n',
         f'[cache]\nurl = "{store}"\nlocal_ttl_s = 0\n',
-        f'[admin]\nkey_sha256 = "{hash_key(ADMIN)}"\n',
+        f'[admin]\nkey_sha256 = "{hash_key(ADMIN_KEY)}"\n',
         f"[ownership]\nstorage_refresh_s = 0.2\n{ownership}",
     ]
     settings = {"red": "", "blue": "", "green": 'files = "all"\n', **(tenants or {})}
@@ -68,7 +67,7 @@ class World:
         return self.proxies[0].url
 
     def start_proxy(self) -> str:
-        served = Served(create_app(self.settings())).__enter__()
+        served = served_proxy(self.settings()).__enter__()
         self.proxies.append(served)
         return served.url
 
@@ -166,7 +165,7 @@ def test_python_sdk_1_1_beta_auto_pagination_yields_exactly_the_teams_files(worl
 def beta_walk(url: str, key: str, limit: int) -> list[str]:
     """Auto-pagination of the beta list as SDK 1.1 does it (`SyncPage`): `after_id` = `last_id`, and
     it stops at `has_more: false` or an empty page."""
-    headers = {"x-api-key": key, "anthropic-version": "2023-06-01", "anthropic-beta": BETA[0]}
+    headers = {"x-api-key": key, "anthropic-version": SDK_VERSION, "anthropic-beta": FILES_BETA}
     seen: list[str] = []
     params: dict[str, str | int] = {"limit": limit, "beta": "true"}
     while True:
@@ -191,7 +190,7 @@ def test_beta_before_id_pages_towards_newer_files(world: World) -> None:
     red = [world.upload("red", "r1")]
     blue = [world.upload("blue", f"b{i}") for i in range(3)]
     red.append(world.upload("red", "r2"))
-    headers = {"x-api-key": TEAMS["red"], "anthropic-version": "2023-06-01", "anthropic-beta": BETA[0]}
+    headers = {"x-api-key": TEAMS["red"], "anthropic-version": SDK_VERSION, "anthropic-beta": FILES_BETA}
     page = httpx.get(f"{world.url}/v1/files", params={"limit": 1, "before_id": red[0]}, headers=headers)
     body = page.json()
     assert [f["id"] for f in body["data"]] == [red[1]]
@@ -202,7 +201,7 @@ def test_beta_before_id_pages_towards_newer_files(world: World) -> None:
 def test_ga_ids_list_answers_only_owned_ids(world: World) -> None:
     mine, theirs = world.upload("red", "r1"), world.upload("blue", "b1")
     query = f"ids[]={mine}&ids[]={theirs}"
-    headers = {"x-api-key": TEAMS["red"], "anthropic-version": "2023-06-01"}
+    headers = {"x-api-key": TEAMS["red"], "anthropic-version": SDK_VERSION}
     answer = httpx.get(f"{world.url}/v1/files?{query}", headers=headers)
     assert [f["id"] for f in answer.json()["data"]] == [mine]
 
@@ -210,7 +209,7 @@ def test_ga_ids_list_answers_only_owned_ids(world: World) -> None:
 def test_cross_team_metadata_download_delete_are_404_and_reach_no_upstream(world: World) -> None:
     theirs = world.upload("blue", "b1")
     unowned = world.simulator.add_file(SHARED_KEY, filename="made-upstream.bin")
-    headers = {"x-api-key": SHARED_KEY, "anthropic-version": "2023-06-01"}
+    headers = {"x-api-key": SHARED_KEY, "anthropic-version": SDK_VERSION}
     missing = httpx.get(f"{world.upstream}/v1/files/file_missing", headers=headers).json()
     assert missing["error"] == {"type": "not_found_error", "message": "File not found: file_missing"}
     world.simulator.received.clear()
@@ -220,7 +219,7 @@ def test_cross_team_metadata_download_delete_are_404_and_reach_no_upstream(world
                 partial(client.files.retrieve_metadata, file_id),
                 partial(client.files.download, file_id),
                 partial(client.files.delete, file_id),
-                partial(client.beta.files.retrieve_metadata, file_id, betas=BETA),
+                partial(client.beta.files.retrieve_metadata, file_id, betas=[FILES_BETA]),
             ]
             for call in calls:
                 with pytest.raises(anthropic.NotFoundError) as raised:
@@ -247,7 +246,7 @@ def test_storage_in_usage_and_metrics_follows_uploads_and_deletes(world: World) 
     world.upload("green", "g1", b"c" * 7)
     with world.client("red") as client:
         client.files.delete(first)
-    usage = httpx.get(f"{world.url}/admin/usage", headers={"x-api-key": ADMIN}).json()
+    usage = httpx.get(f"{world.url}/admin/usage", headers={"x-api-key": ADMIN_KEY}).json()
     by_team = {row["tenant"]: row for row in usage["storage"]}
     assert by_team["red"] == {
         "workspace": "red-ws",
@@ -312,14 +311,14 @@ def test_reconcile_drops_files_deleted_upstream_and_expired(
     world.simulator.add_file(SHARED_KEY, filename="stray.bin", size_bytes=13)
     deleted = httpx.delete(
         f"{world.upstream}/v1/files/{gone}",
-        headers={"x-api-key": SHARED_KEY, "anthropic-version": "2023-06-01"},
+        headers={"x-api-key": SHARED_KEY, "anthropic-version": SDK_VERSION},
     )
     assert deleted.status_code == 200
     time.sleep(1.2)
     out = world.cli("reconcile", monkeypatch=monkeypatch, capsys=capsys)
     assert "red: 1 files" in out and "unowned: 1 files, 13 bytes" in out
     assert f"dropped {gone} (red" in out
-    usage = httpx.get(f"{world.url}/admin/usage", headers={"x-api-key": ADMIN}).json()
+    usage = httpx.get(f"{world.url}/admin/usage", headers={"x-api-key": ADMIN_KEY}).json()
     by_team = {row["tenant"]: row for row in usage["storage"]}
     assert by_team["red"]["files"] == 1 and by_team["blue"]["files"] == 0
     with world.client("red") as client:
@@ -355,7 +354,7 @@ def test_upload_without_content_length_is_cut_at_the_quota_left(make_world: Call
 
     headers = {
         "x-api-key": TEAMS["blue"],
-        "anthropic-version": "2023-06-01",
+        "anthropic-version": SDK_VERSION,
         "content-type": "multipart/form-data; boundary=b",
     }
     answer = httpx.post(f"{world.url}/v1/files", content=chunks(), headers=headers)
@@ -410,7 +409,7 @@ def test_store_away_refuses_own_tenants_and_holds_all_tenants_records(world: Wor
     world.redis.start()
 
     def counted() -> bool:
-        usage = httpx.get(f"{world.url}/admin/usage", headers={"x-api-key": ADMIN})
+        usage = httpx.get(f"{world.url}/admin/usage", headers={"x-api-key": ADMIN_KEY})
         if usage.status_code != 200:
             return False
         return any(r["tenant"] == "green" and r["files"] == 1 for r in usage.json()["storage"])
@@ -432,11 +431,11 @@ def test_the_proxy_reconciles_by_itself_one_replica_per_interval(make_world: Cal
     world = make_world(ownership="reconcile_interval_s = 1\n")
     world.start_proxy()
     gone = world.upload("red", "gone")
-    headers = {"x-api-key": SHARED_KEY, "anthropic-version": "2023-06-01"}
+    headers = {"x-api-key": SHARED_KEY, "anthropic-version": SDK_VERSION}
     assert httpx.delete(f"{world.upstream}/v1/files/{gone}", headers=headers).status_code == 200
 
     def dropped() -> bool:
-        usage = httpx.get(f"{world.url}/admin/usage", headers={"x-api-key": ADMIN}).json()
+        usage = httpx.get(f"{world.url}/admin/usage", headers={"x-api-key": ADMIN_KEY}).json()
         return next(r["files"] for r in usage["storage"] if r["tenant"] == "red") == 0
 
     wait_for(dropped, seconds=15, what="the record of a file deleted upstream dropped")

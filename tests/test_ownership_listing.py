@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 
-from proxy.cache import Entry
+from proxy.cache import CacheOutcome
 from proxy.caching import Answer
 from proxy.config import ConfigError, Tenant, load_settings
 from proxy.errors import UpstreamUnavailableError
 from proxy.listing import FilteredPages, next_query, own_page
 from proxy.ownership import expires_epoch, file_fields, sees_all, shared_keys
+from proxy.reply import Reply
 
 
 @pytest.mark.parametrize(
@@ -51,7 +52,8 @@ def test_next_query(query: bytes, page: dict[str, Any], expected: bytes | None) 
 
 def _answer(body: dict[str, Any], status: int = 200) -> Answer:
     return Answer(
-        Entry(status, (("content-type", "application/json"),), json.dumps(body).encode(), 0, 0, 0), "hit"
+        Reply(status, (("content-type", "application/json"),), json.dumps(body).encode()),
+        CacheOutcome.hit(ttl=60, age=0),
     )
 
 
@@ -80,7 +82,7 @@ def _walk(
         return owned & set(ids)
 
     answer = asyncio.run(own_page(query, read_page, owned_among, max_pages))
-    return json.loads(answer.entry.body), len(read)
+    return json.loads(answer.reply.body), len(read)
 
 
 def test_a_page_without_the_tenants_files_is_skipped() -> None:
@@ -182,7 +184,7 @@ def test_a_single_page_answer_is_remembered_for_its_ttl_and_a_walk_never() -> No
 
     def ask(query: bytes) -> bytes:
         answer = asyncio.run(own_page(query, read_page, owned_among, 10, (remembered, "red")))
-        return answer.entry.body
+        return answer.reply.body
 
     first = ask(b"limit=2")
     assert ask(b"limit=2") == first and len(lookups) == 1

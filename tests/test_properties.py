@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from files_api_simulator import ReceivedRequest
-from proxy.upstream import HOP_BY_HOP
-from tests.support import ALL_SECRETS, ALPHA, BRAVO, SharedProxy
+from proxy.headers import HOP_BY_HOP
+from tests.constants import ALL_SECRETS, ALPHA, BRAVO, VERSION
+from tests.support import SharedProxy
 
 PROPERTY_SETTINGS = settings(
     max_examples=150,
@@ -205,10 +206,14 @@ def test_any_request_is_answered_well_and_only_files_routes_reach_upstream(
         # Most requests carry a valid key, so that routing and forwarding see many of them.
         auth = data.draw(st.one_of(st.just([("x-api-key", ALPHA.proxy_key)]), _auth), label="auth")
         path = data.draw(_paths(known_files), label="path")
+        route = _FILES_ROUTES.fullmatch(path)
+        if route is not None and data.draw(st.booleans(), label="a method of the route"):
+            allowed = _ROUTE_METHODS[(route.group(1) is not None, route.group(2) is not None)]
+            method = data.draw(st.sampled_from(sorted(allowed)), label="method")
         extra = data.draw(
             st.lists(st.tuples(_other_header_names, _header_values), max_size=4), label="headers"
         )
-        headers = [*auth, ("anthropic-version", "2026-10-21"), *extra]
+        headers = [*auth, ("anthropic-version", VERSION), *extra]
         target = path + ("?" + query if query else "")
         before = len(shared.simulator.received)
 
@@ -318,7 +323,7 @@ def test_any_upload_body_is_forwarded_whole_and_unparsed_or_refused_in_the_envel
     @given(upload=_multipart_bodies(), auth=_auth)
     def check(upload: tuple[str, bytes], auth: list[tuple[str, str]]) -> None:
         content_type, body = upload
-        headers = [*auth, ("anthropic-version", "2026-10-21"), ("content-type", content_type)]
+        headers = [*auth, ("anthropic-version", VERSION), ("content-type", content_type)]
         before = len(shared.simulator.received)
         uploads_before = set(shared.simulator.uploads)
 

@@ -11,9 +11,8 @@ import httpx
 import pytest
 
 from files_api_simulator import Simulator
-from tests.support import ALL_SECRETS, ALPHA, BRAVO, raw_http
-
-BETA = "files-api-2025-04-14"
+from tests.constants import ALL_SECRETS, ALPHA, BETA_HEADERS, BRAVO, FILES_BETA, SDK_GA_HEADERS, SDK_VERSION
+from tests.support import raw_http
 
 
 def _sha256(chunks: Iterator[bytes]) -> str:
@@ -70,10 +69,9 @@ def test_sdk_list_auto_paginates_over_several_pages(alpha: anthropic.Anthropic, 
 
 def test_beta_list_keeps_beta_shape_and_cursors(proxy_url: str, alpha: anthropic.Anthropic) -> None:
     ids = [alpha.files.upload(file=(f"b{i}.txt", b"x", "text/plain")).id for i in range(5)]
-    headers = {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01", "anthropic-beta": BETA}
     seen: list[str] = []
     params: dict[str, str | int] = {"beta": "true", "limit": 2}
-    with httpx.Client(base_url=proxy_url, headers=headers) as client:
+    with httpx.Client(base_url=proxy_url, headers=BETA_HEADERS) as client:
         while True:
             page = client.get("/v1/files", params=params).json()
             assert set(page) == {"data", "has_more", "first_id", "last_id"}
@@ -114,8 +112,8 @@ def test_end_to_end_headers_and_query_pass_unchanged_and_hop_by_hop_are_dropped(
         f"{proxy_url}/v1/files?limit=5&beta=true&limit=6",
         headers=[
             ("x-api-key", ALPHA.proxy_key),
-            ("anthropic-version", "2023-06-01"),
-            ("anthropic-beta", f"{BETA},other-beta-2026-01-01"),
+            ("anthropic-version", SDK_VERSION),
+            ("anthropic-beta", f"{FILES_BETA},other-beta-2026-01-01"),
             ("x-team-trace", "t-1"),
             ("connection", "keep-alive, x-private-hop"),
             ("x-private-hop", "must-not-pass"),
@@ -127,8 +125,8 @@ def test_end_to_end_headers_and_query_pass_unchanged_and_hop_by_hop_are_dropped(
     assert response.status_code == 200
     [received] = simulator.received
     assert received.query == "limit=5&beta=true&limit=6"
-    assert received.header("anthropic-beta") == f"{BETA},other-beta-2026-01-01"
-    assert received.header("anthropic-version") == "2023-06-01"
+    assert received.header("anthropic-beta") == f"{FILES_BETA},other-beta-2026-01-01"
+    assert received.header("anthropic-version") == SDK_VERSION
     assert received.header("x-team-trace") == "t-1"
     assert received.header("x-api-key") == ALPHA.upstream_key
     assert (received.header("host") or "").startswith("127.0.0.1:")
@@ -142,9 +140,7 @@ def test_upstream_error_status_headers_and_body_pass_through(
     alpha: anthropic.Anthropic, proxy_url: str, simulator: Simulator
 ) -> None:
     simulator.inject_fault(status=429)
-    response = httpx.get(
-        f"{proxy_url}/v1/files", headers={"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01"}
-    )
+    response = httpx.get(f"{proxy_url}/v1/files", headers=SDK_GA_HEADERS)
 
     _assert_envelope(response, 429, "rate_limit_error")
     assert response.headers["retry-after"] == "1"

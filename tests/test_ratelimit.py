@@ -11,7 +11,8 @@ from proxy.config import RateLimit, Tenant
 from proxy.errors import RateLimitedError
 from proxy.ratelimit import LocalLimiter, RateLimiter
 from proxy.store import CircuitBreaker, open_store
-from tests.support import ALPHA, BRAVO, RedisServer, TeamKeys
+from tests.constants import ALPHA, BRAVO, TeamKeys
+from tests.support import RedisServer
 
 pytestmark = pytest.mark.anyio
 

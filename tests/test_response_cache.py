@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from proxy.cache import CachePolicy, Delete, Entry, Write, target_for
+from proxy.cache import CachePolicy, TargetKind, target_for
 from proxy.caching import ResponseCache
 from proxy.config import CacheConfig
-from proxy.routes import Operation
-from proxy.store import CacheUnavailableError, RedisStore
+from proxy.reply import Reply
+from proxy.store import CacheUnavailableError
+from proxy.writes import Delete, Write
+from tests.constants import VERSION
 
 pytestmark = pytest.mark.anyio
 
@@ -48,18 +51,21 @@ class ScriptedStore:
     async def get_or_start(self, key: str, value: bytes, ttl_s: int) -> bytes:
         return value
 
+    def back_for_s(self) -> float:
+        return math.inf  # never away: the writes fail, not the store as a whole
+
     @contextlib.contextmanager
     def request_budget(self) -> Iterator[None]:
         yield
 
 
 def delete_target(file_id: str) -> Any:
-    return target_for(Operation.DELETE, "scope", None, "2026-10-21", [], file_id, b"")
+    return target_for(TargetKind.FILE, "scope", None, VERSION, [], file_id, b"")
 
 
 async def test_an_invalidation_held_during_the_flush_of_older_ones_is_not_lost() -> None:
     store = ScriptedStore()
-    cache = ResponseCache(CachePolicy(CacheConfig()), cast(RedisStore, store), collapse_timeout_s=1)
+    cache = ResponseCache(CachePolicy(CacheConfig()), store, collapse_timeout_s=1)
     store.down = True
     await cache.invalidate(delete_target("a"), [Delete("a")])  # held: the store is away
 
@@ -83,16 +89,16 @@ async def test_an_invalidation_held_during_the_flush_of_older_ones_is_not_lost()
 async def test_concurrent_no_cache_reads_of_one_key_each_fetch_and_all_answer() -> None:
     """A no-cache read takes the single-flight slot over; the earlier one must not fail on leaving."""
     store = ScriptedStore()
-    cache = ResponseCache(CachePolicy(CacheConfig()), cast(RedisStore, store), collapse_timeout_s=1)
-    target = target_for(Operation.METADATA, "scope", None, "2026-10-21", [], "file_1", b"")
+    cache = ResponseCache(CachePolicy(CacheConfig()), store, collapse_timeout_s=1)
+    target = target_for(TargetKind.FILE, "scope", None, VERSION, [], "file_1", b"")
     upstream_answers = asyncio.Event()
     fetches = 0
 
-    async def fetch() -> Entry:
+    async def fetch() -> Reply:
         nonlocal fetches
         fetches += 1
         await upstream_answers.wait()
-        return Entry(200, (), b'{"id":"file_1"}', 0.0, 0.0, 0.0)
+        return Reply(200, (), b'{"id":"file_1"}')
 
     reads = [asyncio.create_task(cache.read(target, fetch, no_cache=True)) for _ in range(2)]
     await asyncio.sleep(0.01)
@@ -100,5 +106,5 @@ async def test_concurrent_no_cache_reads_of_one_key_each_fetch_and_all_answer() 
     answers = await asyncio.gather(*reads)
 
     assert fetches == 2
-    assert [answer.entry.status for answer in answers] == [200, 200]
-    assert [answer.cache_status for answer in answers] == ["files-proxy; fwd=request; stored"] * 2
+    assert [answer.reply.status for answer in answers] == [200, 200]
+    assert [answer.outcome.cache_status() for answer in answers] == ["files-proxy; fwd=request; stored"] * 2

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from proxy.app import create_app
 from proxy.config import ServerConfig, Settings
 from proxy.server import allowed_connections
-from tests.support import ALPHA, Served, wait_for
+from tests.constants import ALPHA, VERSION
+from tests.support import Served, served_proxy, wait_for
 
 Reply = tuple[int, dict[str, str], bytes]
 
@@ -29,7 +29,7 @@ def serve_bounded(make_settings: Callable[..., Settings]) -> Iterator[Callable[.
 
     def start(log_level: str = "warning", **bounds: Any) -> Served:
         config = ServerConfig(**{"header_timeout_s": 5.0, "keep_alive_s": 5.0, **bounds})
-        served = Served(create_app(make_settings()), bounds=config, log_level=log_level).__enter__()
+        served = served_proxy(make_settings(), bounds=config, log_level=log_level).__enter__()
         started.append(served)
         return served
 
@@ -74,7 +74,7 @@ def _assert_envelope(reply: Reply, status: int, error_type: str) -> None:
     assert envelope["request_id"] == headers["request-id"]
 
 
-REQUEST = b"GET /v1/files HTTP/1.1\r\nhost: proxy\r\nanthropic-version: 2026-10-21\r\n"
+REQUEST = f"GET /v1/files HTTP/1.1\r\nhost: proxy\r\nanthropic-version: {VERSION}\r\n".encode()
 AUTHENTICATED = REQUEST + f"x-api-key: {ALPHA.proxy_key}\r\n".encode()
 
 

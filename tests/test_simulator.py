@@ -14,11 +14,13 @@ import pytest
 
 import files_api_simulator.simulator
 from files_api_simulator import Simulator, create_app
+from tests.constants import FILES_BETA, SDK_VERSION, VERSION
 
 KEY_A = "sk-test-alpha"
 KEY_B = "sk-test-bravo"
-GA = {"x-api-key": KEY_A, "anthropic-version": "2023-06-01"}
-BETA = {**GA, "anthropic-beta": "files-api-2025-04-14"}
+# With the simulator's own key: these requests go to the simulator, not through a proxy.
+GA = {"x-api-key": KEY_A, "anthropic-version": SDK_VERSION}
+BETA = {**GA, "anthropic-beta": FILES_BETA}
 MULTIPART = "multipart/form-data; boundary=bnd"
 FORM = {**GA, "content-type": MULTIPART}
 FILE_PART = 'content-disposition: form-data; name="file"; filename="a.txt"'
@@ -281,7 +283,7 @@ async def test_scope_id_matches_no_simulated_file(client: httpx.AsyncClient, sim
 
 async def test_workspaces_are_isolated(client: httpx.AsyncClient, sim: Simulator) -> None:
     mine = await _upload(client)
-    theirs = {"authorization": f"Bearer {KEY_B}", "anthropic-version": "2023-06-01"}
+    theirs = {"authorization": f"Bearer {KEY_B}", "anthropic-version": SDK_VERSION}
 
     assert await _ids(client, {}, theirs) == []
     for method, path in [("GET", ""), ("GET", "/content"), ("DELETE", "")]:
@@ -297,7 +299,7 @@ async def test_without_a_key_map_every_key_is_its_own_workspace() -> None:
     sim = Simulator()
     sim.add_file("sk-one")
     expected = "wrkspc_" + hashlib.sha256(b"sk-one").hexdigest()[:16]
-    headers = {"anthropic-version": "2023-06-01", "anthropic-workspace-id": expected}
+    headers = {"anthropic-version": SDK_VERSION, "anthropic-workspace-id": expected}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim.app), base_url="http://sim") as client:
         assert len(await _ids(client, {}, {**headers, "x-api-key": "sk-one"})) == 1
         other = await client.get("/v1/files", headers={**headers, "x-api-key": "sk-two"})
@@ -409,17 +411,17 @@ async def test_delay_fault_and_latency_slow_answers_down(client: httpx.AsyncClie
 @pytest.mark.parametrize(
     ("headers", "status", "error_type"),
     [
-        pytest.param({"anthropic-version": "2023-06-01"}, 401, "authentication_error", id="no-key"),
+        pytest.param({"anthropic-version": SDK_VERSION}, 401, "authentication_error", id="no-key"),
         pytest.param({**GA, "x-api-key": ""}, 401, "authentication_error", id="empty-key"),
         pytest.param({**GA, "x-api-key": "sk-unknown"}, 401, "authentication_error", id="unknown-key"),
         pytest.param(
-            {"authorization": "Bearer sk-unknown", "anthropic-version": "2023-06-01"},
+            {"authorization": "Bearer sk-unknown", "anthropic-version": SDK_VERSION},
             401,
             "authentication_error",
             id="unknown-bearer",
         ),
         pytest.param(
-            {"authorization": f"Basic {KEY_A}", "anthropic-version": "2023-06-01"},
+            {"authorization": f"Basic {KEY_A}", "anthropic-version": SDK_VERSION},
             401,
             "authentication_error",
             id="basic",
@@ -435,7 +437,7 @@ async def test_auth_and_version_errors(
 
 
 async def test_bearer_key_is_accepted(client: httpx.AsyncClient) -> None:
-    headers = {"authorization": f"Bearer {KEY_A}", "anthropic-version": "2026-10-21"}
+    headers = {"authorization": f"Bearer {KEY_A}", "anthropic-version": VERSION}
     assert (await client.get("/v1/files", headers=headers)).status_code == 200
 
 

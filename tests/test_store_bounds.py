@@ -9,7 +9,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -18,21 +17,25 @@ import pytest
 import redis
 
 from files_api_simulator import Simulator
-from proxy.access import RequestRecord
-from proxy.cache import CachePolicy, Delete, Entry, HashIncrement, target_for
+from proxy.cache import CacheOutcome, CachePolicy, Entry, TargetKind, target_for
 from proxy.caching import ResponseCache
-from proxy.config import CacheConfig
+from proxy.config import CacheConfig, Tenant
+from proxy.exchange import Exchange
+from proxy.reply import Reply
 from proxy.routes import Operation
 from proxy.store import RedisStore, open_store
 from proxy.usage import UsageCounter, read_usage
-from tests.support import ALPHA, BRAVO, RedisServer, free_port
+from proxy.writes import Delete, HashIncrement
+from tests.constants import ALPHA, BRAVO, VERSION
+from tests.support import RedisServer, free_port
 
-GA = {"anthropic-version": "2026-10-21"}
 UNCACHEABLE = "files-proxy; fwd=bypass; detail=uncacheable-query"
 
 
 def _list(url: str, team: Any, query: str) -> httpx.Response:
-    return httpx.get(f"{url}/v1/files?{query}", headers={**GA, "x-api-key": team.proxy_key})
+    return httpx.get(
+        f"{url}/v1/files?{query}", headers={"anthropic-version": VERSION, "x-api-key": team.proxy_key}
+    )
 
 
 def _list_reads(simulator: Simulator, query: str) -> int:
@@ -74,12 +77,21 @@ def test_a_list_query_the_cache_cannot_normalise_is_forwarded_and_never_stored(
     assert _list_reads(simulator, query) == 2
 
 
-def _record(day: date, workspace: str, tenant: str) -> RequestRecord:
-    """A cache hit of that day (fields usage does not read are left empty)."""
-    empty: dict[str, Any] = {field.name: None for field in fields(RequestRecord)}
-    values = {"ts": f"{day.isoformat()}T12:00:00.000Z", "tenant": tenant, "workspace": workspace}
-    values |= {"method": "GET", "route": "/v1/files", "status": 200, "cache": "hit"}
-    return RequestRecord(**(empty | values | {"bytes_in": 0, "bytes_out": 10}))
+def _record(day: date, workspace: str, tenant: str) -> Exchange:
+    """A list-page hit at noon (UTC) of that day."""
+    noon = datetime.combine(day, datetime.min.time(), UTC).timestamp() + 12 * 3600
+    team = Tenant(name=tenant, workspace=workspace, client_key_hashes=frozenset(), api_key="sk-unused")
+    return Exchange(
+        "req_1",
+        "GET",
+        started_at=noon,
+        started=0.0,
+        tenant=team,
+        operation=Operation.LIST,
+        cache=CacheOutcome.hit(ttl=1, age=0),
+        status=200,
+        bytes_out=10,
+    )
 
 
 async def _info(server: RedisServer, field: str) -> int:
@@ -115,7 +127,9 @@ def test_usage_counters_survive_a_full_volatile_lru_redis() -> None:
             while await _info(server, "evicted_keys") < 300:
                 for _ in range(20):
                     page += 1
-                    target = target_for(Operation.LIST, "bravo", None, "v", [], None, b"limit=%d" % page)
+                    target = target_for(
+                        TargetKind.LIST_PAGE, "bravo", None, "v", [], None, b"limit=%d" % page
+                    )
                     answer = Entry(200, (), body, time.time(), 0, 0)
                     await store.write(policy.writes_for_answer(target, answer, None))
                 assert page < 5000, "Redis did not evict"
@@ -174,21 +188,24 @@ def test_the_store_warns_when_redis_may_evict_usage_counters(
 
 def test_no_list_page_is_served_while_the_scope_generation_is_missing() -> None:
     """A generation evicted under memory pressure: older pages are not trusted until it is back."""
-    target = target_for(Operation.LIST, "scope", None, "2026-10-21", [], None, b"limit=5")
+    target = target_for(TargetKind.LIST_PAGE, "scope", None, VERSION, [], None, b"limit=5")
     fetched = 0
 
-    async def fetch() -> Entry:
+    async def fetch() -> Reply:
         nonlocal fetched
         fetched += 1
-        now = time.time()
-        return Entry(200, (), b'{"data":[],"next_page":null}', now, now, now)
+        return Reply(200, (), b'{"data":[],"next_page":null}')
 
     async def scenario() -> list[str]:
         store: RedisStore = open_store("memory://")
         cache = ResponseCache(CachePolicy(CacheConfig()), store, collapse_timeout_s=1)
-        statuses = [(await cache.read(target, fetch, no_cache=False)).cache_status for _ in range(2)]
+        statuses = [
+            (await cache.read(target, fetch, no_cache=False)).outcome.cache_status() for _ in range(2)
+        ]
         await store.write([Delete(target.generation_key)])
-        statuses += [(await cache.read(target, fetch, no_cache=False)).cache_status for _ in range(2)]
+        statuses += [
+            (await cache.read(target, fetch, no_cache=False)).outcome.cache_status() for _ in range(2)
+        ]
         await store.aclose()
         return statuses
 

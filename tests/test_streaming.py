@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +18,8 @@ import psutil
 import pytest
 
 from files_api_simulator import Simulator
-from tests.support import ALPHA, WATCH, config_toml, free_port, team_environment, wait_until_up
+from tests.constants import ALPHA, SDK_GA_HEADERS
+from tests.support import ProxyProcess, config_toml, team_environment
 
 SIZE = 200 * 1024 * 1024
 MEMORY_BOUND = 64 * 1024 * 1024
@@ -60,26 +59,11 @@ def proxy_process(simulator_url: str, tmp_path: Path) -> Iterator[tuple[str, int
     """`files-proxy serve` as a subprocess in front of the in-process simulator: (url, pid)."""
     config = tmp_path / "proxy.toml"
     config.write_text(config_toml(simulator_url))
-    port = free_port()
     env = {**os.environ, **team_environment()}
-    command = [str(Path(sys.executable).parent / "files-proxy"), "serve", "--config", str(config)]
-    output = tmp_path / "proxy.out"
-    with output.open("w") as sink:
-        process = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=sink, stderr=sink)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(url)
+    with ProxyProcess(config, tmp_path / "proxy.out", env) as proxy:
         # Warm up the code paths once, so the baseline includes imports and pools.
-        httpx.get(f"{url}/v1/files", headers=_headers())
-        yield url, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        WATCH.feed(output.read_text())
-
-
-def _headers() -> dict[str, str]:
-    return {"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01"}
+        httpx.get(f"{proxy.url}/v1/files", headers=SDK_GA_HEADERS)
+        yield proxy.url, proxy.pid
 
 
 def _pattern(size: int) -> Iterator[bytes]:
@@ -101,7 +85,7 @@ def test_200mb_download_streams_with_bounded_proxy_memory(
     size = 0
     with (
         PeakRss(pid) as rss,
-        httpx.stream("GET", f"{url}/v1/files/{file_id}/content", headers=_headers()) as response,
+        httpx.stream("GET", f"{url}/v1/files/{file_id}/content", headers=SDK_GA_HEADERS) as response,
     ):
         assert response.status_code == 200
         assert response.headers["content-length"] == str(SIZE)
@@ -131,7 +115,7 @@ def test_200mb_upload_streams_with_bounded_proxy_memory(
         yield tail
 
     headers = {
-        **_headers(),
+        **SDK_GA_HEADERS,
         "content-type": "multipart/form-data; boundary=bnd",
         "content-length": str(len(head) + SIZE + len(tail)),
     }
@@ -151,7 +135,7 @@ def test_client_disconnect_mid_download_closes_the_upstream_response(
     url = serve_proxy()
     file_id = simulator.add_file(ALPHA.upstream_key, filename="big.bin", size_bytes=SIZE)
 
-    with httpx.stream("GET", f"{url}/v1/files/{file_id}/content", headers=_headers()) as response:
+    with httpx.stream("GET", f"{url}/v1/files/{file_id}/content", headers=SDK_GA_HEADERS) as response:
         assert response.status_code == 200
         next(response.iter_raw())
 

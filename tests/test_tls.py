@@ -13,13 +13,12 @@ import anthropic
 import httpx
 import pytest
 import trustme
-from pydantic import HttpUrl
 
 from files_api_simulator import Simulator
-from proxy.app import create_app
-from proxy.config import ConfigError, Settings, UpstreamConfig
+from proxy.config import ConfigError, UpstreamConfig
 from proxy.upstream import UpstreamClient
-from tests.support import ALPHA, BRAVO, Served
+from tests.constants import ALPHA, SDK_GA_HEADERS
+from tests.support import Served, served_proxy, team_settings
 from tests.upstream_support import ServedTLS, write_ca
 
 
@@ -35,11 +34,7 @@ def tls_upstream(simulator: Simulator, ca: trustme.CA, tmp_path: Path) -> Iterat
 
 
 def _proxy(upstream_url: str, **upstream: Any) -> Served:
-    settings = Settings(
-        tenants=(ALPHA.tenant(), BRAVO.tenant()),
-        upstream=UpstreamConfig(base_url=HttpUrl(upstream_url), read_timeout_s=5, **upstream),
-    )
-    return Served(create_app(settings))
+    return served_proxy(team_settings(upstream_url, upstream={"read_timeout_s": 5, **upstream}))
 
 
 def _round_trip(proxy_url: str, simulator: Simulator) -> None:
@@ -82,9 +77,7 @@ def test_a_certificate_that_does_not_verify_is_502_and_logged_with_its_host(
         caplog.at_level(logging.ERROR, logger="proxy.upstream"),
         _proxy(tls_upstream.url, ca_file=str(other_ca)) as proxy,
     ):
-        response = httpx.get(
-            f"{proxy.url}/v1/files", headers={"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01"}
-        )
+        response = httpx.get(f"{proxy.url}/v1/files", headers=SDK_GA_HEADERS)
 
     assert response.status_code == 502
     assert response.json()["error"]["type"] == "api_error"
@@ -99,9 +92,7 @@ def test_without_the_ca_the_system_store_refuses_the_test_certificate(
     tls_upstream: ServedTLS, simulator: Simulator
 ) -> None:
     with _proxy(tls_upstream.url) as proxy:
-        response = httpx.get(
-            f"{proxy.url}/v1/files", headers={"x-api-key": ALPHA.proxy_key, "anthropic-version": "2023-06-01"}
-        )
+        response = httpx.get(f"{proxy.url}/v1/files", headers=SDK_GA_HEADERS)
     assert response.status_code == 502
     assert simulator.received == []
 

@@ -16,34 +16,39 @@ import anthropic
 import fakeredis
 import httpx
 import pytest
-from pydantic import HttpUrl
 from starlette.applications import Starlette
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from files_api_simulator import Simulator
-from proxy.app import create_app
 from proxy.cache import CachePolicy
 from proxy.caching import ResponseCache
 from proxy.config import (
     AdminConfig,
-    CacheConfig,
     ConfigError,
     Settings,
     UiConfig,
-    UpstreamConfig,
     hash_key,
     load_settings,
 )
 from proxy.handler import FilesHandler
-from proxy.ratelimit import RateLimiter
+from proxy.ownership import Ownership
 from proxy.store import RedisStore
 from proxy.ui import UsagePage
 from proxy.ui_pages import AdminView, FilesPage, StorageRow, TeamView, admin_page, team_page
 from proxy.upstream import UpstreamClient
 from proxy.usage import UsageCounter
-from tests.support import ALPHA, BRAVO, WATCH, Served, config_toml, team_environment, team_simulator
+from tests.constants import ADMIN_KEY, ALPHA, BRAVO, SDK_VERSION
+from tests.support import (
+    WATCH,
+    Served,
+    config_toml,
+    served_proxy,
+    team_environment,
+    team_settings,
+    team_simulator,
+)
 
-ADMIN_KEY = "fp-test-admin-3f9a61"
 ROTATED_KEY = "fp-test-alpha-rotated-0b7e"
 
 
@@ -54,15 +59,15 @@ class Site:
         self.simulator: Simulator = team_simulator()
         self._upstream = Served(self.simulator.app).__enter__()
         self.settings = replace(self.settings_for(self._upstream.url), ui=ui or UiConfig())
-        self._proxy = Served(create_app(self.settings, load_settings=lambda: self.settings)).__enter__()
+        self._proxy = served_proxy(self.settings, load_settings=lambda: self.settings).__enter__()
         self.url = self._proxy.url
 
     @staticmethod
     def settings_for(upstream_url: str) -> Settings:
-        return Settings(
-            tenants=(ALPHA.tenant(), BRAVO.tenant()),
-            upstream=UpstreamConfig(base_url=HttpUrl(upstream_url), read_timeout_s=5),
-            cache=CacheConfig(local_ttl_s=0),
+        return team_settings(
+            upstream_url,
+            upstream={"read_timeout_s": 5},
+            cache={"local_ttl_s": 0},
             admin=AdminConfig(key_sha256=hash_key(ADMIN_KEY)),
         )
 
@@ -225,7 +230,7 @@ def test_files_are_listed_in_pages_through_the_proxys_cache_and_escaped(own_site
 
     lists = [r for r in own_site.simulator.received if r.method == "GET" and r.path == "/v1/files"]
     assert len(lists) == 2  # the first page once (the second view was a hit), then the next page
-    assert lists[0].header("anthropic-version") == "2023-06-01" and lists[0].header("anthropic-beta") is None
+    assert lists[0].header("anthropic-version") == SDK_VERSION and lists[0].header("anthropic-beta") is None
     assert first.text.count('<td class="name">') == 20 and again.text == first.text
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;.txt" in first.text
     assert "<img" not in first.text
@@ -379,13 +384,17 @@ def test_a_storage_source_fills_the_admin_views_storage_columns() -> None:
     settings = Site.settings_for("http://127.0.0.1:9")  # upstream never called: no team view here
     store = RedisStore(fakeredis.FakeAsyncRedis())
     cache = ResponseCache(CachePolicy(settings.cache), store, collapse_timeout_s=1)
-    handler = FilesHandler(settings, UpstreamClient(settings.upstream), cache, RateLimiter(store))
+    ownership = Ownership(store, settings)
+    handler = FilesHandler(settings, store, UpstreamClient(settings.upstream), cache, ownership)
 
     async def storage() -> list[StorageRow]:
         return [StorageRow("alpha", 3, 5000, 10_000, None), StorageRow("bravo", 1, 1000, None, 10)]
 
     page = UsagePage(lambda: settings, store, UsageCounter(store), handler, storage=storage)
-    with TestClient(Starlette(routes=page.routes()), follow_redirects=False) as client:
+    routes = [
+        Route(r.path, endpoint, methods=[m]) for r in page.routes() for m, endpoint in r.methods.items()
+    ]
+    with TestClient(Starlette(routes=routes), follow_redirects=False) as client:
         assert client.post("/ui/login", data={"key": ADMIN_KEY}).status_code == 303
         html = client.get("/ui/").text
 

@@ -23,18 +23,16 @@ import httpx
 import pytest
 import redis
 from PIL import Image
-from pydantic import HttpUrl
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
 from files_api_simulator import Simulator
-from proxy.app import create_app
-from proxy.config import AdminConfig, CacheConfig, Settings, UpstreamConfig, hash_key
-from tests.support import ALPHA, BRAVO, WATCH, RedisServer, Served, free_port, team_simulator
+from proxy.config import AdminConfig, hash_key
+from tests.constants import ADMIN_KEY, ALPHA, BRAVO
+from tests.support import WATCH, RedisServer, Served, free_port, served_proxy, team_settings, team_simulator
 
-ADMIN_KEY = "fp-test-admin-browser-c4e2"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 LAPTOP = (1280, 1000)
 # Tall enough for the team view to show its files below the usage table.
@@ -54,13 +52,13 @@ class Site:
         self.redis = RedisServer(free_port())
         self.redis.start()
         self._upstream = Served(self.simulator.app).__enter__()
-        settings = Settings(
-            tenants=(ALPHA.tenant(), BRAVO.tenant()),
-            upstream=UpstreamConfig(base_url=HttpUrl(self._upstream.url), read_timeout_s=5),
-            cache=CacheConfig(url=self.redis.url),
+        settings = team_settings(
+            self._upstream.url,
+            upstream={"read_timeout_s": 5},
+            cache={"url": self.redis.url},
             admin=AdminConfig(key_sha256=hash_key(ADMIN_KEY)),
         )
-        self._proxy = Served(create_app(settings)).__enter__()
+        self._proxy = served_proxy(settings).__enter__()
         self.url = self._proxy.url
 
     def close(self) -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from proxy.config import hash_key
 from proxy.ui_session import ADMIN, TEAM, LoginThrottle, SessionSigner
-from tests.support import ALPHA, FakeClock
+from tests.constants import ALPHA
+from tests.support import FakeClock
 
 SECRET = b"s" * 32
 TTL_S = 28800

@@ -21,11 +21,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from files_api_simulator import Simulator
-from proxy.app import create_app
-from proxy.config import Settings, UpstreamConfig
+from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamTimeoutError
-from proxy.upstream import UpstreamClient, end_to_end
-from tests.support import ALPHA, BRAVO, Served, raw_http
+from proxy.headers import end_to_end
+from proxy.upstream import UpstreamClient
+from tests.constants import ALPHA, BRAVO, SDK_VERSION
+from tests.support import Served, raw_http, served_proxy, team_settings
 
 
 @pytest.mark.parametrize(
@@ -104,8 +105,7 @@ def test_header_bytes_pass_both_ways_unchanged_or_are_refused() -> None:
 
     upstream = Starlette(routes=[Route("/v1/files/{file_id}/content", content)])
     with Served(upstream) as served:
-        settings = Settings(tenants=(ALPHA.tenant(),), upstream=UpstreamConfig(base_url=HttpUrl(served.url)))
-        with Served(create_app(settings)) as proxy:
+        with served_proxy(team_settings(served.url, tenants=(ALPHA.tenant(),))) as proxy:
 
             def download(note: bytes) -> tuple[int, dict[str, str], bytes]:
                 head = (
@@ -147,11 +147,7 @@ def test_a_cookie_set_for_one_tenant_never_goes_upstream_for_another() -> None:
 
     upstream = Starlette(routes=[Route("/v1/files/{file_id}", metadata)])
     with Served(upstream) as served:
-        settings = Settings(
-            tenants=(ALPHA.tenant(), BRAVO.tenant()),
-            upstream=UpstreamConfig(base_url=HttpUrl(served.url)),
-        )
-        with Served(create_app(settings)) as proxy:
+        with served_proxy(team_settings(served.url)) as proxy:
             for team in (ALPHA, BRAVO, ALPHA):
                 head = (
                     b"GET /v1/files/file_1 HTTP/1.1\r\nhost: p\r\nconnection: close\r\n"
@@ -199,16 +195,13 @@ class _RawUpstream:
 
 
 def _raw_proxy(upstream: _RawUpstream, **config: Any) -> Served:
-    settings = Settings(
-        tenants=(ALPHA.tenant(),), upstream=UpstreamConfig(base_url=HttpUrl(upstream.url), **config)
-    )
-    return Served(create_app(settings))
+    return served_proxy(team_settings(upstream.url, tenants=(ALPHA.tenant(),), upstream=config))
 
 
 def _get(port: int, target: str, extra: str = "") -> tuple[int, dict[str, str], bytes]:
     head = (
         f"GET {target} HTTP/1.1\r\nhost: p\r\nconnection: close\r\nx-api-key: {ALPHA.proxy_key}\r\n"
-        f"anthropic-version: 2023-06-01\r\n{extra}\r\n"
+        f"anthropic-version: {SDK_VERSION}\r\n{extra}\r\n"
     )
     return raw_http(port, head.encode())
 
@@ -301,8 +294,7 @@ async def test_connections_are_reused_under_concurrency() -> None:
         async def worker() -> None:
             for _ in range(50):
                 reply = await client.send("GET", "/v1/files", b"", [], tenant=ALPHA.tenant())
-                ports.add(json.loads(await reply.read(1024))["port"])
-                await reply.aclose()
+                ports.add(json.loads((await reply.read_whole(1024)).body)["port"])
 
         await asyncio.gather(*(worker() for _ in range(8)))
         await client.aclose()
