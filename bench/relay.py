@@ -6,7 +6,7 @@ It runs in a process of its own (started by `bench/services.py`), so the soak cl
 never delays a proxy's Redis traffic. The control port takes one line, `cut`, `restore` or `ping`, and
 answers `ok` once it is done. A cut is a partition, not a refusal: bytes either way vanish, on open and
 new connections alike, so the proxies wait for their timeouts as they would behind a broken network.
-The idea is that of `tests/relay.py` (which the tests run in a thread); the bench does not import tests.
+`tests/relay.py` runs the same `RelayLoop` in a thread of a test's own process.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class RelayLoop:
         self._target_port = target_port
         self._writers: set[asyncio.StreamWriter] = set()
         self._cut = False
+        # Added before each piece the target sends back: a slow Redis, or a slow link to it.
+        self.delay_s = 0.0
 
     def cut(self) -> None:
         """From now on every byte either way is dropped."""
@@ -48,14 +50,19 @@ class RelayLoop:
             return
         self._writers.add(server_writer)
         await asyncio.gather(
-            self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer)
+            self._pipe(client_reader, server_writer, delayed=False),
+            self._pipe(server_reader, client_writer, delayed=True),
         )
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, delayed: bool
+    ) -> None:
         try:
             while data := await reader.read(65536):
                 if self._cut:
                     continue
+                if delayed and self.delay_s:
+                    await asyncio.sleep(self.delay_s)
                 writer.write(data)
                 await writer.drain()
         except OSError:

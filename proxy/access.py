@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import select
+import stat
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from functools import lru_cache
 from proxy.exchange import Exchange
 
 access_logger = logging.getLogger("files_proxy.access")
+_WHOLE = 1 << 20
 
 
 def access_line(exchange: Exchange) -> str:
@@ -80,6 +82,9 @@ class BatchedStdout(logging.Handler):
     ) -> None:
         super().__init__()
         self._fd = fd
+        # A write to a pipe or socket larger than PIPE_BUF may block even when it has room; a write to
+        # a regular file never waits for a reader, so it goes whole.
+        self._write_bytes = _WHOLE if stat.S_ISREG(os.fstat(fd).st_mode) else select.PIPE_BUF
         self._lines: deque[str] = deque()  # append and popleft are atomic: no lock, no line lost
         self._max_pending = max_pending
         self._interval_s = interval_s
@@ -130,8 +135,7 @@ class BatchedStdout(logging.Handler):
             _, writable, _ = select.select([], [self._fd], [], wait_s)
             if not writable:
                 return
-            # At most PIPE_BUF bytes: a write that size to a pipe with room never blocks.
-            written = os.write(self._fd, self._unwritten[: select.PIPE_BUF])
+            written = os.write(self._fd, self._unwritten[: self._write_bytes])
             del self._unwritten[:written]  # cheap: a bytearray drops its head without copying the rest
 
 

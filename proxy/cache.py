@@ -211,7 +211,7 @@ _remembered_beta_query = functools.lru_cache(maxsize=1024)(_beta_values)
 
 def _query_hash(query: bytes) -> str | None:
     """The hash of the normalised query, or None. Short queries are remembered: clients page with the
-    same few query strings again and again (about a tenth of a list-page hit)."""
+    same few query strings again and again."""
     if len(query) <= _MEMO_MAX_KEY_BYTES:
         return _remembered_query_hash(query)
     return _normalised_query_hash(query)

@@ -270,39 +270,35 @@ class ResponseCache:
             logger.info("wrote %d cache invalidations held while the store was away", written)
 
     async def _lookup(self, target: CacheTarget, no_cache: bool) -> tuple[Entry | None, int | None]:
-        """The stored entry if it is still valid, and the scope's current generation (for a metadata
-        hit it does not matter and is not read)."""
+        """The stored entry if it is still valid, and the scope's current generation."""
         copied = None if no_cache else self._local.get(target.scope, target.key, target.variant)
         if copied is not None:
             return copied
         epoch = self._local.epoch(target.scope)
-        entry, generation = await self._lookup_store(target, no_cache)
+        entry, generation = await self._lookup_store(target)
         if entry is not None:
             self._local.put(target.scope, target.key, target.variant, entry, generation, epoch)
         return entry, generation
 
-    async def _lookup_store(self, target: CacheTarget, no_cache: bool) -> tuple[Entry | None, int]:
-        """On a miss the scope's generation is read, or started when it has none (never set, evicted
-        or wiped): the fill is stored only if it is still that one, so no delete (nor a wipe that
-        took the tombstone with it) happened during the fetch."""
+    async def _lookup_store(self, target: CacheTarget) -> tuple[Entry | None, int]:
+        """The entry and, in the same round trip, the scope's generation, started when it has none
+        (never set, evicted or wiped): a fill is stored only if the generation is still that one, so
+        no delete (nor a wipe that took the tombstone with it) happened during the fetch."""
+        started = b"%d" % self.policy.new_generation()
+        fields = None if target.kind is TargetKind.LIST_PAGE else [target.variant, TOMBSTONE]
+        values, raw_generation = await self.store.read_with_generation(
+            target.key, fields, target.generation_key, started, GENERATION_TTL_S
+        )
+        generation = int(raw_generation)
         if target.kind is TargetKind.LIST_PAGE:
-            raw_generation, raw_page = await self.store.mget([target.generation_key, target.key])
-            if raw_generation is None:
-                return None, await self._start_generation(target)  # no page is trusted until then
-            generation = int(raw_generation)
-            page = _unpack(raw_page)
+            # A page of another generation is unreachable (a generation just started trusts none).
+            page = _unpack(values[0])
             return (page if page is not None and page.generation == generation else None), generation
-        raw_entry, tombstone = await self.store.hmget(target.key, [target.variant, TOMBSTONE])
+        raw_entry, tombstone = values
         entry = _unpack(raw_entry)
         if entry is not None and entry.status == 200 and tombstone is not None:
             entry = None  # a fill that raced the file's deletion
-        if entry is not None and not no_cache and entry.freshness(self.clock()) is Freshness.FRESH:
-            return entry, 0  # a hit: its generation does not matter
-        return entry, await self._start_generation(target)
-
-    async def _start_generation(self, target: CacheTarget) -> int:
-        started = b"%d" % self.policy.new_generation()
-        return int(await self.store.get_or_start(target.generation_key, started, GENERATION_TTL_S))
+        return entry, generation
 
     async def _follow(self, leader: asyncio.Future[_Outcome], fetch: Fetch) -> Answer:
         try:

@@ -198,7 +198,7 @@ class CacheConfig(_Section):
     # How long a hit may be answered from this process's memory: the bound on how late an upload or
     # delete through another replica is seen here once it is in the store. 0 turns the copy off.
     local_ttl_s: Annotated[float, Field(ge=0, le=60)] = 1.0
-    # The store time one request's cache calls may spend together (a hit: one call, a miss: up to 3).
+    # The store time one request's cache calls may spend together (a hit: one call, a miss: two).
     timeout_s: Annotated[float, Field(gt=0)] = 1.0
     max_connections: Annotated[int, Field(ge=1)] = 50
     # A file (on the pod's volume) where invalidations held while the store is away are kept, so a

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from starlette.requests import Request
 from starlette.responses import Response
 
-from proxy.auth import Authenticator
+from proxy.auth import Authenticator, Caller
 from proxy.cache import FORWARDED_BY_METHOD, CacheTarget, TargetKind, target_for
 from proxy.caching import Answer, ResponseCache
 from proxy.config import Settings, Tenant
@@ -52,25 +52,30 @@ Send = Callable[..., Awaitable[UpstreamReply]]
 class _Call:
     """One authenticated, routed Files request: what every operation's answer is made from."""
 
-    __slots__ = ("exchange", "request", "tenant", "match", "headers", "target", "upstream_headers")
+    __slots__ = ("exchange", "request", "caller", "tenant", "match", "received", "headers", "target")
 
     def __init__(
         self,
         exchange: Exchange,
         request: Request,
-        tenant: Tenant,
+        caller: Caller,
         match: RouteMatch,
+        received: Headers,
         headers: dict[str, list[str]],
-        upstream_headers: Headers,
     ) -> None:
         self.exchange = exchange
         self.request = request
-        self.tenant = tenant
+        self.caller = caller
+        self.tenant = caller.tenant
         self.match = match
+        self.received = received
         self.headers = headers
-        self.upstream_headers = upstream_headers
         self.target = _target(
-            _TARGET_KINDS[match.operation], tenant, headers, match.file_id, request.scope["query_string"]
+            _TARGET_KINDS[match.operation],
+            caller.tenant,
+            headers,
+            match.file_id,
+            request.scope["query_string"],
         )
 
 
@@ -129,9 +134,7 @@ class FilesHandler:
         _check_key_inputs(headers, request.scope["query_string"])
         await self._rate_limiter.check(tenant)
         await self.ownership.admit(tenant, match.operation, match.file_id)
-        with_body = match.operation is Operation.UPLOAD
-        upstream_headers = to_upstream(received, caller.key_headers, tenant.api_key, with_body=with_body)
-        return _Call(exchange, request, tenant, match, headers, upstream_headers)
+        return _Call(exchange, request, caller, match, received, headers)
 
     async def _read(self, call: _Call) -> Response:
         answer = await self._cache.read(call.target, lambda: self._read_whole(call), no_cache=_no_cache(call))
@@ -172,13 +175,20 @@ class FilesHandler:
         async def send(
             body: AsyncIterator[bytes] | None = None, *, stream: bool = False, query: bytes | None = None
         ) -> UpstreamReply:
+            operation = call.match.operation
+            headers = to_upstream(
+                call.received,
+                call.caller.key_headers,
+                call.tenant.api_key,
+                with_body=operation is Operation.UPLOAD,
+            )
             started = time.perf_counter()
             try:
                 return await self._upstream.send(
-                    call.match.operation.method,
+                    operation.method,
                     call.match.upstream_path,
                     call.request.scope["query_string"] if query is None else query,
-                    call.upstream_headers,
+                    headers,
                     body,
                     tenant=call.tenant,
                     stream=stream,

@@ -70,7 +70,7 @@ def resolve(method: str, raw_path: bytes) -> RouteMatch:
     raise NotFoundError(f"Not found: the proxy serves only the Files API ({method} {_shown(raw_path)}).")
 
 
-# The same few paths again and again (about 4% of a cache hit); bounded in bytes by the check above.
+# Clients ask for the same few paths again and again; bounded in bytes by the check above.
 @lru_cache(maxsize=4096)
 def _resolve(method: str, raw_path: bytes) -> RouteMatch:
     segments = [_decode_segment(segment) for segment in raw_path.split(b"/")]

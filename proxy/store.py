@@ -120,16 +120,15 @@ class CircuitBreaker:
 
 
 class CacheStore(Protocol):
-    """What the response cache asks of a store: keyed reads and one pipeline of writes, all within
-    the budget of the request that makes them. Tests script it to make a store fail or stall."""
+    """What the response cache asks of a store: an entry and its scope's generation in one round
+    trip, and one pipeline of writes, all within the budget of the request that makes them. Tests
+    script it to make a store fail or stall."""
 
     def request_budget(self) -> contextlib.AbstractContextManager[None]: ...
 
-    async def mget(self, keys: Sequence[str]) -> list[bytes | None]: ...
-
-    async def hmget(self, key: str, fields: Sequence[str]) -> list[bytes | None]: ...
-
-    async def get_or_start(self, key: str, value: bytes, ttl_s: int) -> bytes: ...
+    async def read_with_generation(
+        self, key: str, fields: Sequence[str] | None, generation_key: str, start: bytes, ttl_s: int
+    ) -> tuple[list[bytes | None], bytes]: ...
 
     async def write(self, writes: Sequence[Write]) -> None: ...
 
@@ -138,11 +137,15 @@ class CacheStore(Protocol):
 
 class Store(CacheStore, Protocol):
     """The store as the whole proxy uses it (`RedisStore`, for Redis and memory:// alike): the cache's
-    operations, plus hashes read whole (usage, ownership), Lua scripts (rate limits, ownership) and
-    its life cycle. Every failure is a `CacheUnavailableError`."""
+    operations, plus plain reads and hashes read whole (usage, ownership, sessions), Lua scripts
+    (rate limits, ownership) and its life cycle. Every failure is a `CacheUnavailableError`."""
 
     breaker: CircuitBreaker
     on_call: Callable[[str], None]
+
+    async def mget(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    async def hmget(self, key: str, fields: Sequence[str]) -> list[bytes | None]: ...
 
     async def hgetall(self, key: str) -> dict[bytes, bytes]: ...
 
@@ -221,16 +224,23 @@ class RedisStore:
             self.budget.used((key,))
         return values
 
-    async def get_or_start(self, key: str, value: bytes, ttl_s: int) -> bytes:
-        """The key's value; if it has none, `value` becomes it (SET NX GET: one round trip)."""
-        previous: bytes | None = await self._call(
-            lambda: self._client.set(key, value, ex=ttl_s, nx=True, get=True)
-        )
-        if previous is not None:
-            return previous
+    async def read_with_generation(
+        self, key: str, fields: Sequence[str] | None, generation_key: str, start: bytes, ttl_s: int
+    ) -> tuple[list[bytes | None], bytes]:
+        """The hash `key`'s `fields` (or the value of `key` when `fields` is None), and the generation
+        in `generation_key`, which `start` becomes if it has none (SET NX GET): one round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(generation_key, start, ex=ttl_s, nx=True, get=True)
+        if fields is None:
+            pipe.get(key)
+        else:
+            pipe.hmget(key, list(fields))
+        previous, values = await self._call(pipe.execute)
         if self.budget is not None:
-            self.budget.wrote([Put(key, value, ttl_s)])
-        return value
+            self.budget.used((key,))
+            if previous is None:
+                self.budget.wrote([Put(generation_key, start, ttl_s)])
+        return ([values] if fields is None else values), (start if previous is None else previous)
 
     async def hgetall(self, key: str) -> dict[bytes, bytes]:
         values: dict[bytes, bytes] = await self._call(lambda: self._client.hgetall(key))
@@ -426,13 +436,10 @@ def open_store(
         client: Client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
         budget = MemoryBudget(memory_max_bytes)
         return RedisStore(client, timeout_s=timeout_s, max_connections=max_connections, budget=budget)
-    # Timeouts are the store's budget; retries are off because the breaker, not a backoff loop,
-    # decides when to try again.
-    options: dict[str, Any] = {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        "retry": Retry(NoBackoff(), 0),
-    }
+    # Every call is bounded by the request's store budget (`RedisStore._call`), so redis-py is given
+    # no socket timeout of its own (it would wrap each send in a task of its own); retries are off
+    # because the breaker, not a backoff loop, decides when to try again.
+    options: dict[str, Any] = {"socket_connect_timeout": timeout_s, "retry": Retry(NoBackoff(), 0)}
     scheme, _, rest = url.partition("://")
     if scheme == "redis+cluster":
         nodes = [ClusterNode(*_host_port(node, 6379)) for node in rest.strip("/").split(",")]
@@ -446,10 +453,9 @@ def open_store(
         return RedisStore(
             client, timeout_s=timeout_s, max_connections=max_connections, also_close=sentinel.sentinels
         )
-    # A blocking pool waits for a free connection instead of raising at once when all are busy.
-    pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=timeout_s, **options
-    )
+    # Never asked for more than `max_connections` at once: every call first takes one of the store's
+    # slots (`RedisStore._call`), which is where a call waits for its turn, within its timeout.
+    pool = redis.ConnectionPool.from_url(url, max_connections=max_connections, **options)
     return RedisStore(redis.Redis(connection_pool=pool), timeout_s=timeout_s, max_connections=max_connections)
 
 

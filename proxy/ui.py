@@ -357,8 +357,9 @@ async def _form_key(request: Request) -> str | None:
         if len(body) > _MAX_FORM_BYTES:
             return None
     try:
-        fields = parse_qsl(body.decode("ascii"), keep_blank_values=True, max_num_fields=4)
+        fields = parse_qsl(body.decode("ascii"), keep_blank_values=True, max_num_fields=4, errors="strict")
     except (UnicodeDecodeError, ValueError):
         return None
     keys = [value for name, value in fields if name == "key"]
-    return keys[0] if len(keys) == 1 else None
+    # Keys are printable ASCII (auth.py); anything else is no key, refused like a wrong one.
+    return keys[0] if len(keys) == 1 and keys[0].isascii() else None

@@ -112,9 +112,10 @@ class UsageCounter:
         if tenant is None:
             return
         key = _day_key_of(int(exchange.started_at // 86400))
+        prefix = f"{tenant.workspace}|{tenant.name}|"
         for counter, amount in counts_for(exchange).items():
             if amount:
-                self._pending[(key, f"{tenant.workspace}|{tenant.name}|{counter}")] += amount
+                self._pending[(key, prefix + counter)] += amount
 
     async def flush(self) -> bool:
         """Write what was counted since the last flush, and trim old days once a day; on failure

@@ -170,12 +170,11 @@ class ScriptedStore:
             hold, self.hold = self.hold, None
             await hold.wait()
 
-    async def hmget(self, key: str, fields: Sequence[str]) -> list[bytes | None]:
+    async def read_with_generation(
+        self, key: str, fields: Sequence[str] | None, generation_key: str, start: bytes, ttl_s: int
+    ) -> tuple[list[bytes | None], bytes]:
         self.reads[key] += 1
-        return [None for _ in fields]
-
-    async def get_or_start(self, key: str, value: bytes, ttl_s: int) -> bytes:
-        return value
+        return [None for _ in fields or [key]], start
 
     def back_for_s(self) -> float:
         return math.inf  # never away: the writes fail, not the store as a whole

@@ -307,3 +307,16 @@ def test_a_raw_key_where_its_hash_belongs_says_to_run_hash_key(
     err = capsys.readouterr().err
     assert "files-proxy hash-key" in err
     assert PROXY_KEY not in err
+
+
+@pytest.mark.parametrize("command", [["simulate", "--port", "0"], ["demo", "--port", "0"]])
+def test_without_the_simulator_package_demo_and_simulate_say_how_to_install_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """The simulator is its own package, which a production install (the image) leaves out."""
+    monkeypatch.setitem(sys.modules, "files_api_simulator", None)  # as if not installed
+    assert main(command) == 2
+    captured = capsys.readouterr()
+    [line] = captured.err.splitlines()
+    assert "simulator is not installed" in line and "pip install -e ./simulator" in line
+    assert captured.out == ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,15 @@ from proxy.config import (
     CacheConfig,
     ConfigError,
     LimitsConfig,
+    Settings,
     Tenant,
     UpstreamConfig,
+    UsageConfig,
     hash_key,
     load_settings,
+    sections_needing_restart,
 )
+from tests.constants import ALPHA
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -462,3 +467,16 @@ def test_hashes_are_matched_whatever_their_case(tmp_path: Path) -> None:
     settings = load_settings(write_config(tmp_path, text), environ=ENVIRON)
 
     assert settings.admin.key_sha256 == admin_hash
+
+
+def test_a_reload_applies_limits_admin_ui_and_ownership_and_names_every_other_changed_section() -> None:
+    """The sections are listed once (`Settings`); whether a reload applies each comes from there too."""
+    running = Settings(tenants=(ALPHA.tenant(),))
+    changed = replace(
+        running,
+        cache=CacheConfig(list_ttl_s=5),
+        usage=UsageConfig(retention_days=30),
+        limits=LimitsConfig(max_upload_bytes=10),
+    )
+    assert sections_needing_restart(running, changed) == ["cache", "usage"]
+    assert sections_needing_restart(running, running) == []

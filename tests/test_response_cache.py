@@ -8,15 +8,17 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import fakeredis
 import pytest
 
 from proxy.cache import CachePolicy, TargetKind, target_for
-from proxy.caching import ResponseCache
+from proxy.caching import RESYNC_S, ResponseCache
 from proxy.config import CacheConfig
 from proxy.reply import Reply
-from proxy.store import CacheUnavailableError
+from proxy.store import CacheUnavailableError, CircuitBreaker, RedisStore
 from proxy.writes import Delete, Write
 from tests.constants import VERSION
+from tests.support import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -42,14 +44,10 @@ class ScriptedStore:
             await hold.wait()
         self.written += writes
 
-    async def hmget(self, key: str, fields: Sequence[str]) -> list[bytes | None]:
-        return [None for _ in fields]
-
-    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [None for _ in keys]
-
-    async def get_or_start(self, key: str, value: bytes, ttl_s: int) -> bytes:
-        return value
+    async def read_with_generation(
+        self, key: str, fields: Sequence[str] | None, generation_key: str, start: bytes, ttl_s: int
+    ) -> tuple[list[bytes | None], bytes]:
+        return [None for _ in fields or [key]], start
 
     def back_for_s(self) -> float:
         return math.inf  # never away: the writes fail, not the store as a whole
@@ -108,3 +106,35 @@ async def test_concurrent_no_cache_reads_of_one_key_each_fetch_and_all_answer() 
     assert fetches == 2
     assert [answer.reply.status for answer in answers] == [200, 200]
     assert [answer.outcome.cache_status() for answer in answers] == ["files-proxy; fwd=request; stored"] * 2
+
+
+async def test_a_store_just_back_from_an_outage_is_refilled_not_believed_until_resync_s() -> None:
+    """Another replica may still hold deletes it made during the outage: for `RESYNC_S` after the
+    store answers again, what it holds is fetched again and stored, never served; then hits resume."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=1, cooldown_s=1, clock=clock)
+    store = RedisStore(fakeredis.FakeAsyncRedis(), breaker=breaker)
+    cache = ResponseCache(CachePolicy(CacheConfig()), store, collapse_timeout_s=1)
+    target = target_for(TargetKind.FILE, "scope", None, VERSION, [], "file_1", b"")
+    fetches = 0
+
+    async def fetch() -> Reply:
+        nonlocal fetches
+        fetches += 1
+        return Reply(200, (), b'{"id":"file_1","type":"file"}')
+
+    async def status() -> str:
+        return (await cache.read(target, fetch, no_cache=False)).outcome.cache_status()
+
+    assert await status() == "files-proxy; fwd=uri-miss; stored"
+    assert (await status()).startswith("files-proxy; hit")
+    breaker.failed()  # the store went away ...
+    clock.advance(1)
+    breaker.allows_call()  # ... and its probe answers: it is back
+    breaker.succeeded()
+    clock.advance(RESYNC_S - 0.5)
+    assert await status() == "files-proxy; fwd=uri-miss; stored"
+    clock.advance(0.5)
+    assert (await status()).startswith("files-proxy; hit")
+    assert fetches == 2
+    await store.aclose()

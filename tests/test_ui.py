@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import fakeredis
@@ -124,6 +125,32 @@ def test_the_page_without_a_session_sends_to_sign_in(site: Site) -> None:
     assert '<meta name="viewport"' in form.text
     assert form.headers["content-security-policy"].startswith("default-src 'none'")
     assert "<script" not in form.text and not re.search(r'(src|href|action)="(https?:)?//', form.text)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"files": {"key": ("key.txt", ALPHA.proxy_key.encode())}}, id="multipart"),
+        pytest.param({"data": {"key": ALPHA.proxy_key, "pad": "x" * 5000}}, id="longer-than-a-sign-in"),
+        pytest.param({"data": {"key": [ALPHA.proxy_key, ALPHA.proxy_key]}}, id="key-twice"),
+        pytest.param(
+            {"content": b"key=%ff%fe", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+            id="not-text",
+        ),
+    ],
+)
+def test_a_sign_in_body_other_than_the_pages_form_is_refused_like_a_wrong_key(body: dict[str, Any]) -> None:
+    """The form is read by the proxy itself (it carries no multipart parser), bounded, one `key`.
+    A site of its own: these failed sign-ins must not count against the shared one's throttle."""
+    own = Site()
+    try:
+        with own.client() as client:
+            answer = client.post("/ui/login", **body)
+    finally:
+        own.close()
+    assert answer.status_code == 401
+    assert "That key was not accepted" in answer.text
+    assert "set-cookie" not in answer.headers
 
 
 def test_a_wrong_key_gets_the_form_again_with_a_plain_message(site: Site) -> None:
