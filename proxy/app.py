@@ -7,29 +7,25 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, date, datetime
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.routing import Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from proxy.access import log_access
-from proxy.auth import check_admin
 from proxy.cache import CachePolicy
 from proxy.caching import ResponseCache
 from proxy.config import ConfigError, Settings, sections_needing_restart
-from proxy.edge import ControlRoute, Edge
-from proxy.errors import InvalidRequestError
+from proxy.control import ControlEndpoints
+from proxy.edge import Edge
 from proxy.handler import FilesHandler
-from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.metrics import Metrics
 from proxy.ownership import Ownership
 from proxy.reconcile import run_upkeep
 from proxy.store import Store, open_store
 from proxy.ui import UsagePage
 from proxy.ui_pages import StorageRow
 from proxy.upstream import UpstreamClient
-from proxy.usage import UsageCounter, read_usage, usage_report
+from proxy.usage import UsageCounter
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +78,6 @@ def create_app(
     store.on_call = lambda outcome: metrics.cache_operations.labels(outcome).inc()
     usage = UsageCounter(store, retention_days=settings.usage.retention_days)
 
-    async def readyz(request: Request) -> Response:
-        """Ready once started; the cache state is reported, never a reason to be unready."""
-        cache_state = "up" if await store.ping() else "unavailable"
-        return JSONResponse({"status": "ready", "cache": cache_state})
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
-
     current = settings
 
     async def reload() -> None:
@@ -107,27 +95,6 @@ def create_app(
             logger.warning("config [%s] changed: it takes effect at the next restart", section)
         current = new
         logger.info("config reloaded: %d tenants", len(new.tenants))
-
-    async def admin_reload(request: Request) -> Response:
-        check_admin(request.headers, current.admin.key_sha256)
-        try:
-            await reload()
-        except ConfigError as exc:
-            logger.error("config reload rejected, the running config stays: %s", exc)
-            raise InvalidRequestError(f"Config rejected; the running config stays: {exc}") from None
-        return JSONResponse({"reloaded": True, "tenants": len(current.tenants)})
-
-    async def admin_usage(request: Request) -> Response:
-        """Usage totals from the store, this replica's unwritten counts included."""
-        check_admin(request.headers, current.admin.key_sha256)
-        today = datetime.now(UTC).date()
-        since = _date_param(request, "since", today.replace(day=1))
-        until = _date_param(request, "until", today)
-        await usage.flush()
-        workspace = request.query_params.get("workspace")
-        rows = await read_usage(store, since, until, workspace)
-        storage = [row for row in await ownership.storage() if workspace in (None, row.workspace)]
-        return JSONResponse(usage_report(since, until, rows, storage))
 
     async def storage_rows() -> list[StorageRow]:
         return [
@@ -161,34 +128,13 @@ def create_app(
             await cache.aclose()
             await store.aclose()
 
-    control = [
-        ControlRoute("/healthz", {"GET": _healthz}, recorded=False),
-        ControlRoute("/readyz", {"GET": readyz}, recorded=False),
-        ControlRoute("/metrics", {"GET": metrics_endpoint}, recorded=False),
-        ControlRoute("/admin/usage", {"GET": admin_usage}),
-        ControlRoute("/admin/reload", {"POST": admin_reload}),
-        *ui.routes(),
-    ]
+    control = ControlEndpoints(lambda: current, reload, store, metrics, usage, ownership)
     edge = Edge(
         handler.handle,
-        control,
+        [*control.routes(), *ui.routes()],
         Router(lifespan=lifespan),
         [log_access, metrics.observe, usage.add],
         on_start=metrics.request_started,
         on_end=metrics.request_ended,
     )
     return ProxyApp(edge, reload)
-
-
-def _date_param(request: Request, name: str, default: date) -> date:
-    value = request.query_params.get(name)
-    if value is None:
-        return default
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise InvalidRequestError(f"{name}: expected a date as YYYY-MM-DD.") from None
-
-
-async def _healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
