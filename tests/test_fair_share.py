@@ -21,7 +21,9 @@ STALLED = 100
 SHARE = 4  # half of max_connections
 SEND_TIMEOUT_S = 1.0
 POOL_TIMEOUT_S = 1.5
-SIZE = 32 * 1024 * 1024
+# Larger than loopback can buffer for one unread download (the proxy's receive buffer may grow to
+# net.ipv4.tcp_rmem's 32 MiB, plus the simulator's send buffer), so no stalled download can complete.
+SIZE = 128 * 1024 * 1024
 
 
 def _open_unread_download(port: int, file_id: str) -> socket.socket:
