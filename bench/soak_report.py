@@ -251,10 +251,7 @@ def format_report(report: dict[str, Any]) -> str:
             ),
             (
                 "deleted files served after the heal (target 0)",
-                f"{partition['deleted_served_after_heal']} "
-                f"({partition['deleted_served_after_heal_answers']} answers, the last sent "
-                f"{partition['deleted_served_until_s_after_heal']} s after the heal; "
-                f"{partition['heal_sweeps']} sweeps)",
+                _served_after_heal(partition),
             ),
             (
                 "time for the cache to resume after the heal (target: hits again)",
@@ -306,3 +303,13 @@ def format_report(report: dict[str, Any]) -> str:
         if examples[key]:
             lines += ["", f"First {title}:", *(f"- {line}" for line in examples[key])]
     return "\n".join(lines)
+
+
+def _served_after_heal(partition: dict[str, Any]) -> str:
+    answers = partition["deleted_served_after_heal_answers"]
+    last = partition["deleted_served_until_s_after_heal"]
+    when = f", the last sent {last} s after the heal" if answers else ""
+    return (
+        f"{partition['deleted_served_after_heal']} ({answers} answers{when}; "
+        f"{partition['heal_sweeps']} sweeps of every deleted file)"
+    )
