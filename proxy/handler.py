@@ -23,7 +23,14 @@ from proxy.caching import Answer, ResponseCache
 from proxy.config import Settings, Tenant
 from proxy.errors import InvalidRequestError, RequestTimeoutError, RequestTooLargeError
 from proxy.exchange import Exchange
-from proxy.headers import MAX_VARIANT_HEADER_BYTES, VARIANT_HEADERS, Headers, end_to_end, to_upstream
+from proxy.headers import (
+    MAX_VARIANT_HEADER_BYTES,
+    VARIANT_HEADERS,
+    Headers,
+    end_to_end,
+    on_behalf_of,
+    to_upstream,
+)
 from proxy.listing import FilteredPages, ReadPage, own_page
 from proxy.ownership import Ownership
 from proxy.ratelimit import RateLimiter
@@ -52,7 +59,7 @@ Send = Callable[..., Awaitable[UpstreamReply]]
 class _Call:
     """One authenticated, routed Files request: what every operation's answer is made from."""
 
-    __slots__ = ("exchange", "request", "caller", "tenant", "match", "received", "headers", "target")
+    __slots__ = ("exchange", "request", "caller", "match", "received", "headers", "target")
 
     def __init__(
         self,
@@ -66,7 +73,6 @@ class _Call:
         self.exchange = exchange
         self.request = request
         self.caller = caller
-        self.tenant = caller.tenant
         self.match = match
         self.received = received
         self.headers = headers
@@ -77,6 +83,10 @@ class _Call:
             match.file_id,
             request.scope["query_string"],
         )
+
+    @property
+    def tenant(self) -> Tenant:
+        return self.caller.tenant
 
 
 class FilesHandler:
@@ -207,7 +217,7 @@ class FilesHandler:
         """One GA list page of a tenant's files for the usage page, answered through the cache (and the
         tenant's rate limit) as the same request from an SDK would be."""
         await self._rate_limiter.check(tenant)
-        headers = [("anthropic-version", _GA_VERSION), ("x-api-key", tenant.api_key)]
+        headers = on_behalf_of(tenant.api_key, _GA_VERSION)
 
         async def send(*, query: bytes) -> UpstreamReply:
             return await self._upstream.send("GET", Operation.LIST.template, query, headers, tenant=tenant)

@@ -5,7 +5,8 @@ place of the client's key, what comes back, and what the cache stores and replay
                         anything reads the request: routing, auth, the cache key and forwarding all see
                         the same headers
     proxy -> upstream   to_upstream: the client's key headers swapped for the tenant's key; Host and,
-                        without a body, Content-Length are the client library's to set
+                        without a body, Content-Length are the client library's to set; on_behalf_of:
+                        a request the proxy makes itself for a tenant
     upstream -> client  from_upstream: end-to-end headers but Date and Server (our server sets its own);
                         whole_body: without Content-Length and Content-Encoding once the body was read
                         decoded and is sent whole
@@ -68,6 +69,12 @@ def to_upstream(received: Headers, key_headers: Collection[str], api_key: str, *
     if "authorization" in key_headers:
         headers.append(("authorization", f"Bearer {api_key}"))
     return headers
+
+
+def on_behalf_of(api_key: str, anthropic_version: str) -> Headers:
+    """The headers of a request the proxy makes itself for a tenant (the usage page's list, the
+    owner records' reconciliation): the version it asks for and the tenant's key, as an SDK sends them."""
+    return to_upstream([("anthropic-version", anthropic_version)], ("x-api-key",), api_key, with_body=False)
 
 
 def from_upstream(raw: Iterable[tuple[str, str]]) -> Headers:

@@ -22,6 +22,7 @@ from urllib.parse import urlencode
 from proxy import ownership_lua as lua
 from proxy.config import Settings, Tenant
 from proxy.errors import ProxyError, UpstreamUnavailableError
+from proxy.headers import on_behalf_of
 from proxy.ownership import SCOPES_KEY, Keys, Ownership, expires_epoch, owner_of
 from proxy.store import CacheUnavailableError, Store
 from proxy.upstream import UpstreamClient
@@ -200,7 +201,7 @@ async def _get(
     upstream: UpstreamClient, tenant: Tenant, path: str, query: bytes, *, missing_ok: bool = False
 ) -> dict[str, Any]:
     """One GA GET straight to upstream, read whole as a JSON object ({} for a 404 if `missing_ok`)."""
-    headers = [("anthropic-version", _GA_VERSION), ("x-api-key", tenant.api_key)]
+    headers = on_behalf_of(tenant.api_key, _GA_VERSION)
     reply = await (await upstream.send("GET", path, query, headers, tenant=tenant)).read_whole(_MAX_ANSWER)
     if reply.status == 404 and missing_ok:
         return {}

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import pytest
+import trustme
 
 from files_api_simulator import Simulator
 from proxy.config import Settings
@@ -23,6 +25,7 @@ from tests.support import (
     team_settings,
     team_simulator,
 )
+from tests.upstream_support import ServedTLS
 
 
 class _WatchHandler(logging.Handler):
@@ -138,3 +141,16 @@ def cache_url(request: pytest.FixtureRequest) -> str:
         return cluster.url
     server: RedisServer = request.getfixturevalue("redis_server")
     return server.url
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    """A throwaway CA per module: the TLS and egress tests' upstream certificates."""
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_upstream(simulator: Simulator, ca: trustme.CA, tmp_path: Path) -> Iterator[ServedTLS]:
+    """The simulator over HTTPS, its certificate signed by `ca`."""
+    with ServedTLS(simulator.app, ca, tmp_path) as served:
+        yield served

@@ -4,6 +4,9 @@ The constants they share (tenants, keys, headers) are in tests/constants.py."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import shutil
 import signal
 import socket
@@ -11,7 +14,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,8 @@ from files_api_simulator import Simulator
 from proxy.app import create_app
 from proxy.config import CacheConfig, LimitsConfig, ServerConfig, Settings, Tenant, UpstreamConfig, hash_key
 from proxy.server import bind_listener, server_config
-from proxy.store import RedisStore
+from proxy.store import CacheUnavailableError, RedisStore
+from proxy.writes import Write
 from tests.constants import ALPHA, BRAVO
 
 FILES_PROXY = str(Path(sys.executable).parent / "files-proxy")
@@ -400,3 +405,35 @@ def _is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+class ScriptedStore:
+    """A `CacheStore` for the response cache's unit tests: writes fail while `down`; the first write
+    after `hold` is set waits for it; reads are counted per key and written writes recorded."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.hold: asyncio.Event | None = None
+        self.reads: Counter[str] = Counter()
+        self.written: list[Write] = []
+
+    async def write(self, writes: Sequence[Write]) -> None:
+        if self.down:
+            raise CacheUnavailableError("down")
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            await hold.wait()
+        self.written += writes
+
+    async def read_with_generation(
+        self, key: str, fields: Sequence[str] | None, generation_key: str, start: bytes, ttl_s: int
+    ) -> tuple[list[bytes | None], bytes]:
+        self.reads[key] += 1
+        return [None for _ in fields or [key]], start
+
+    def back_for_s(self) -> float:
+        return math.inf  # never away: the writes fail, not the store as a whole
+
+    @contextlib.contextmanager
+    def request_budget(self) -> Iterator[None]:
+        yield

@@ -4,10 +4,8 @@ Redis (a TCP relay the test cuts), a slow Redis, a wiped Redis, two replicas and
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from proxy.store import CacheUnavailableError, CircuitBreaker, open_store
 from proxy.writes import Delete, Write
 from tests.constants import ALPHA, BETA_HEADERS, GA_HEADERS, SDK_GA_HEADERS, VERSION
 from tests.relay import Relay
-from tests.support import RedisServer, served_proxy, team_settings, wait_for
+from tests.support import RedisServer, ScriptedStore, served_proxy, team_settings, wait_for
 
 
 def _settings(upstream_url: str, cache_url: str, **cache: Any) -> Settings:
@@ -153,35 +151,6 @@ def test_a_restart_while_the_store_is_away_keeps_held_deletes_in_the_journal(
                 relay.restore()
                 wait_for(lambda: httpx.get(two.url + metadata, headers=GA_HEADERS).status_code == 404, 10)
                 wait_for(lambda: journal.read_bytes() == b"", 5, "journal emptied")
-
-
-class ScriptedStore:
-    """Writes fail while `down`; the first write after `hold` is set waits for it. Reads are counted."""
-
-    def __init__(self) -> None:
-        self.down = False
-        self.hold: asyncio.Event | None = None
-        self.reads: Counter[str] = Counter()
-
-    async def write(self, writes: Sequence[Write]) -> None:
-        if self.down:
-            raise CacheUnavailableError("down")
-        if self.hold is not None:
-            hold, self.hold = self.hold, None
-            await hold.wait()
-
-    async def read_with_generation(
-        self, key: str, fields: Sequence[str] | None, generation_key: str, start: bytes, ttl_s: int
-    ) -> tuple[list[bytes | None], bytes]:
-        self.reads[key] += 1
-        return [None for _ in fields or [key]], start
-
-    def back_for_s(self) -> float:
-        return math.inf  # never away: the writes fail, not the store as a whole
-
-    @contextlib.contextmanager
-    def request_budget(self) -> Iterator[None]:
-        yield
 
 
 async def _file(file_id: str) -> Reply:

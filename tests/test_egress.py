@@ -25,17 +25,6 @@ from tests.upstream_support import ServedTLS, TinyProxy, write_ca
 PROXY_USER, PROXY_PASSWORD = "egress", "s3cret-proxy-pass"
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_upstream(simulator: Simulator, ca: trustme.CA, tmp_path: Path) -> Iterator[ServedTLS]:
-    with ServedTLS(simulator.app, ca, tmp_path) as served:
-        yield served
-
-
 @pytest.fixture
 def tinyproxy(tmp_path: Path) -> Iterator[TinyProxy]:
     with TinyProxy(tmp_path, credentials=(PROXY_USER, PROXY_PASSWORD)) as proxy:

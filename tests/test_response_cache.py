@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import fakeredis
@@ -15,10 +12,10 @@ from proxy.cache import CachePolicy, TargetKind, target_for
 from proxy.caching import RESYNC_S, ResponseCache
 from proxy.config import CacheConfig
 from proxy.reply import Reply
-from proxy.store import CacheUnavailableError, CircuitBreaker, RedisStore
-from proxy.writes import Delete, Write
+from proxy.store import CircuitBreaker, RedisStore
+from proxy.writes import Delete
 from tests.constants import VERSION
-from tests.support import FakeClock
+from tests.support import FakeClock, ScriptedStore
 
 pytestmark = pytest.mark.anyio
 
@@ -26,35 +23,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class ScriptedStore:
-    """Writes fail while `down`; the first write after `hold` waits until it is released."""
-
-    def __init__(self) -> None:
-        self.down = False
-        self.hold: asyncio.Event | None = None
-        self.written: list[Write] = []
-
-    async def write(self, writes: Sequence[Write]) -> None:
-        if self.down:
-            raise CacheUnavailableError("down")
-        if self.hold is not None:
-            hold, self.hold = self.hold, None
-            await hold.wait()
-        self.written += writes
-
-    async def read_with_generation(
-        self, key: str, fields: Sequence[str] | None, generation_key: str, start: bytes, ttl_s: int
-    ) -> tuple[list[bytes | None], bytes]:
-        return [None for _ in fields or [key]], start
-
-    def back_for_s(self) -> float:
-        return math.inf  # never away: the writes fail, not the store as a whole
-
-    @contextlib.contextmanager
-    def request_budget(self) -> Iterator[None]:
-        yield
 
 
 def delete_target(file_id: str) -> Any:

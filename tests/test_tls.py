@@ -5,7 +5,6 @@ line naming the host."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,6 @@ from proxy.upstream import UpstreamClient
 from tests.constants import ALPHA, SDK_GA_HEADERS
 from tests.support import Served, served_proxy, team_settings
 from tests.upstream_support import ServedTLS, write_ca
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_upstream(simulator: Simulator, ca: trustme.CA, tmp_path: Path) -> Iterator[ServedTLS]:
-    with ServedTLS(simulator.app, ca, tmp_path) as served:
-        yield served
 
 
 def _proxy(upstream_url: str, **upstream: Any) -> Served:
