@@ -118,12 +118,13 @@ def create_app(
         flusher = asyncio.create_task(usage.run(settings.usage.flush_interval_s, flushed))
         await ownership.refresh()
         upkeep = asyncio.create_task(run_upkeep(ownership, store, upstream, lambda: current))
+        fairness = asyncio.create_task(upstream.hold_to_fair_shares())
         try:
             yield
         finally:
-            flusher.cancel()
-            upkeep.cancel()
-            await asyncio.gather(flusher, upkeep, return_exceptions=True)
+            for task in (flusher, upkeep, fairness):
+                task.cancel()
+            await asyncio.gather(flusher, upkeep, fairness, return_exceptions=True)
             await upstream.aclose()
             await cache.aclose()
             await store.aclose()
@@ -136,5 +137,6 @@ def create_app(
         [log_access, metrics.observe, usage.add],
         on_start=metrics.request_started,
         on_end=metrics.request_ended,
+        charge=upstream.fair_share.charge,
     )
     return ProxyApp(edge, reload)

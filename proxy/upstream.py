@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
@@ -24,6 +25,7 @@ from yarl import URL
 
 from proxy.config import ConfigError, EgressProxy, Tenant, UpstreamConfig
 from proxy.errors import InvalidRequestError, UpstreamTimeoutError, UpstreamUnavailableError
+from proxy.fairness import FairShare, Load
 from proxy.headers import Headers, from_upstream, whole_body
 from proxy.reply import Reply
 
@@ -132,11 +134,43 @@ class _OutgoingBody:
 
 
 class _Share:
-    """One team's upstream requests in flight, bounded by its `max_upstream_connections`."""
+    """One team's upstream requests in flight: at most `window` at once (its `max_upstream_connections`,
+    or fewer while `FairShare` holds it to its share of the CPU). Waiters are served in order, each
+    handed its slot by the request that frees it or by a wider window."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.slots = asyncio.Semaphore(limit)
+        self.window = limit
+        self.in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def take(self) -> None:
+        if self.in_flight < self.window and not self._waiters:
+            self.in_flight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot it will not use
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._hand_over()
+
+    def resize(self, window: int) -> None:
+        self.window = window
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters and self.in_flight < self.window:
+            self.in_flight += 1
+            self._waiters.popleft().set_result(None)
 
 
 class UpstreamClient:
@@ -148,6 +182,8 @@ class UpstreamClient:
 
     def __init__(self, config: UpstreamConfig) -> None:
         self._config = config
+        # Each team's CPU is charged here by the edge; it narrows the team's share while the proxy is busy.
+        self.fair_share = FairShare()
         self._tls = tls_context(config.ca_file)
         egress = config.egress_proxy()
         self._proxy: URL | None = None
@@ -268,26 +304,35 @@ class UpstreamClient:
         share = self._shares.get(tenant.name)
         if share is None or share.limit != limit:  # new, or its limit changed on reload
             share = self._shares[tenant.name] = _Share(limit)
-        slots = share.slots
-        if slots.locked():
-            try:
-                async with asyncio.timeout(self._config.pool_timeout_s):
-                    await slots.acquire()
-            except TimeoutError:
-                raise UpstreamTimeoutError(
-                    "This team's upstream connections are all busy; try again shortly."
-                ) from None
-        else:
-            await slots.acquire()
+            share.resize(self.fair_share.window(tenant.name, limit))
+        try:
+            async with asyncio.timeout(self._config.pool_timeout_s):
+                await share.take()
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                "This team's upstream connections are all busy; try again shortly."
+            ) from None
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                slots.release()
+                share.release()
 
         return release
+
+    async def hold_to_fair_shares(self) -> None:
+        """Until cancelled: each tick, give each team the window `FairShare` allows it."""
+
+        def loads() -> dict[str, Load]:
+            return {team: Load(share.in_flight, share.limit) for team, share in self._shares.items()}
+
+        def applied() -> None:
+            for team, share in self._shares.items():
+                share.resize(self.fair_share.window(team, share.limit))
+
+        await self.fair_share.run(loads, applied)
 
     async def aclose(self) -> None:
         if self._session is not None:
