@@ -12,6 +12,8 @@ callbacks:
 - an idle keep-alive connection is closed after `server.keep_alive_s` (uvicorn's own timer);
 - past `server.max_connections` connections, a new one gets 503 and is closed at once.
 
+And an answer's head and body leave in one send (`OneSendPerTurn`), not the two uvicorn makes.
+
 Each answer is in Anthropic's envelope. WebSockets are off: an upgrade request is an ordinary
 request, so it meets authentication like any other.
 """
@@ -47,6 +49,48 @@ class ListenError(Exception):
     """The address cannot be listened on (in use, not this host's, a privileged port); one line."""
 
 
+class OneSendPerTurn(asyncio.Transport):
+    """A client connection's transport whose writes within one turn of the event loop leave in one
+    send. uvicorn writes a response's head and its body apart, and uvloop sends each at once: two
+    system calls, and on loopback two TCP segments, for every small answer (nginx sends an answer's
+    head with its body for the same reason: `postpone_output`)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._held:
+            self._loop.call_soon(self._send)
+        self._held.append(bytes(data))
+
+    def _send(self) -> None:
+        held, self._held = self._held, []
+        if held and not self._transport.is_closing():
+            self._transport.writelines(held)
+
+    def close(self) -> None:
+        self._send()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with the header section bounded in bytes and in time."""
 
@@ -68,7 +112,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(OneSendPerTurn(transport))
         self._bounded_transport = transport
         if len(self._open_connections) > self._bounds.max_connections:
             self._refuse(503, "overloaded_error", "The proxy is serving its maximum of connections.")

@@ -4,18 +4,19 @@ and what the server logs at debug level."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import resource
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
 
 from proxy.config import ServerConfig, Settings
-from proxy.server import allowed_connections
+from proxy.server import OneSendPerTurn, allowed_connections
 from tests.constants import ALPHA, VERSION
 from tests.support import Served, served_proxy, wait_for
 
@@ -236,3 +237,39 @@ def test_no_request_header_value_is_logged_at_debug_level(
     logged = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)
     assert "files_proxy.access" in logged  # the log was on
     assert not [marker for marker in markers if marker in logged]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_the_writes_of_one_turn_leave_in_one_send_and_close_sends_what_is_held() -> None:
+    """uvicorn writes an answer's head and body apart; the client's transport sends them together."""
+    sent: list[bytes] = []
+
+    class Recording(asyncio.Transport):
+        closed = False
+
+        def writelines(self, data: Iterable[bytes | bytearray | memoryview]) -> None:
+            sent.append(b"".join(data))
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+    transport = OneSendPerTurn(Recording())
+    transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    transport.write(b"{}")
+    assert sent == []
+    await asyncio.sleep(0)
+    assert sent == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+    transport.write(b"last")
+    transport.close()
+    assert sent[-1] == b"last" and transport.is_closing()
+    transport.write(b"after close")
+    await asyncio.sleep(0)
+    assert len(sent) == 2
