@@ -86,6 +86,10 @@ class Entry:
     generation: int = 0
 
     def pack(self) -> bytes:
+        return self.packed_head() + self.body
+
+    def packed_head(self) -> bytes:
+        """The stored form of all but the body: the file entries of one list page share it."""
         meta = [
             self.status,
             self.stored_at,
@@ -94,7 +98,7 @@ class Entry:
             self.generation,
             self.headers,
         ]
-        return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + self.body
+        return json.dumps(meta, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
     def unpack(cls, data: bytes) -> Entry:
@@ -305,18 +309,19 @@ class CachePolicy:
         return []
 
     def writes_for_files(
-        self, target: CacheTarget, files: Sequence[bytes], source: Entry
+        self, target: CacheTarget, files: Sequence[tuple[str, bytes]], source: Entry
     ) -> list[HashSet | Expire]:
-        """Metadata entries for file objects seen in a list page or an upload answer."""
+        """Metadata entries for file objects (id, body) seen in a list page or an upload answer; the
+        stored head (status, lifetime, headers) is the same for all of them, so it is packed once."""
+        ttl_s = self._config.metadata_ttl_s
+        if ttl_s <= 0 or _forbids_storing(source.headers):
+            return []
+        expires = source.stored_at + ttl_s
+        head = _with_lifetime(replace(source, status=200, body=b""), expires, expires, 0).packed_head()
         writes: list[HashSet | Expire] = []
-        if _forbids_storing(source.headers):
-            return writes
-        for body in files:
-            file_id = _file_id(body)
-            if file_id is not None:
-                key = f"fp:{{{target.scope}}}:file:{file_id}"
-                item = Entry(200, source.headers, body, source.stored_at, 0.0, 0.0)
-                writes += self._file_writes(key, target.variant, item, self._config.metadata_ttl_s)
+        for file_id, body in files:
+            key = f"fp:{{{target.scope}}}:file:{file_id}"
+            writes += [HashSet(key, target.variant, head + body), Expire(key, ttl_s)]
         return writes
 
     def writes_after_upload(self, target: CacheTarget, answer: Entry) -> list[Write]:
@@ -324,8 +329,9 @@ class CachePolicy:
             Bump(target.generation_key, self._random_step()),
             Expire(target.generation_key, GENERATION_TTL_S),
         ]
-        if answer.status == 200:  # the new file: no read raced it, nothing to guard
-            writes += self.writes_for_files(target, [answer.body], answer)
+        file_id = _file_id(answer.body) if answer.status == 200 else None
+        if file_id is not None:  # the new file: no read raced it, nothing to guard
+            writes += self.writes_for_files(target, [(file_id, answer.body)], answer)
         return writes
 
     def writes_after_delete(self, target: CacheTarget) -> list[Write]:
@@ -362,12 +368,17 @@ def _with_lifetime(entry: Entry, fresh_until: float, stale_until: float, generat
     )
 
 
-def _listed_files(body: bytes) -> list[bytes] | None:
-    """A list page's file objects, or None when the body is no list page of file objects with ids."""
+def _listed_files(body: bytes) -> list[tuple[str, bytes]] | None:
+    """A list page's file objects with a string id, as (id, object); None when the body is no list
+    page of file objects with ids."""
     data = _json_object(body).get("data")
     if not isinstance(data, list) or not all(isinstance(item, dict) and "id" in item for item in data):
         return None
-    return [json.dumps(item, separators=(",", ":")).encode() for item in data]
+    return [
+        (item["id"], json.dumps(item, separators=(",", ":")).encode())
+        for item in data
+        if isinstance(item["id"], str)
+    ]
 
 
 def _file_id(body: bytes) -> str | None:
