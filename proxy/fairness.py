@@ -25,8 +25,10 @@ from typing import Any, TypeVar
 _T = TypeVar("_T")
 
 TICK_S = 0.05
-# The process's CPU over a tick, as a fraction of one core, from which teams are held to their share.
-BUSY = 0.5
+# The process's CPU over a tick, as a fraction of one core, from which teams are held to their share:
+# near saturation, where requests start to queue on the loop. Below it no team is held, so a team
+# doing much on a proxy with room to spare keeps its whole share.
+BUSY = 0.8
 # Each tick keeps this much of what the teams used before (half of it after 0.25 s): quick to see a
 # team start a flood, slow to forget one.
 _KEPT = 0.5 ** (TICK_S / 0.25)
