@@ -29,8 +29,8 @@ TICK_S = 0.05
 # near saturation, where requests start to queue on the loop. Below it no team is held, so a team
 # doing much on a proxy with room to spare keeps its whole share.
 BUSY = 0.8
-# Each tick keeps this much of what the teams used before (half of it after 0.25 s): quick to see a
-# team start a flood, slow to forget one.
+# Each tick keeps this much of what the teams used before (half of it after 0.25 s): a team's share
+# follows its last second or so, so a flood is seen within a few ticks, and so is its end.
 _KEPT = 0.5 ** (TICK_S / 0.25)
 # Loop time (s, decayed) below which a team no longer counts as one that uses the proxy.
 _IDLE_S = 1e-5
