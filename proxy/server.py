@@ -112,8 +112,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(OneSendPerTurn(transport))
-        self._bounded_transport = transport
+        # Our own answers (431, 408, 503) go through the same transport as uvicorn's, so they leave
+        # after an answer it still holds, never before it.
+        self._bounded_transport = OneSendPerTurn(transport)
+        super().connection_made(self._bounded_transport)
         if len(self._open_connections) > self._bounds.max_connections:
             self._refuse(503, "overloaded_error", "The proxy is serving its maximum of connections.")
             return

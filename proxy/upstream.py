@@ -144,10 +144,15 @@ class _Share:
         self.in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def take(self) -> None:
+    def try_take(self) -> bool:
+        """A slot at once, if one is free and nobody waits for one."""
         if self.in_flight < self.window and not self._waiters:
             self.in_flight += 1
-            return
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Wait for a slot: the next one freed, in turn."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -305,13 +310,14 @@ class UpstreamClient:
         if share is None or share.limit != limit:  # new, or its limit changed on reload
             share = self._shares[tenant.name] = _Share(limit)
             share.resize(self.fair_share.window(tenant.name, limit))
-        try:
-            async with asyncio.timeout(self._config.pool_timeout_s):
-                await share.take()
-        except TimeoutError:
-            raise UpstreamTimeoutError(
-                "This team's upstream connections are all busy; try again shortly."
-            ) from None
+        if not share.try_take():
+            try:
+                async with asyncio.timeout(self._config.pool_timeout_s):
+                    await share.take()
+            except TimeoutError:
+                raise UpstreamTimeoutError(
+                    "This team's upstream connections are all busy; try again shortly."
+                ) from None
         released = False
 
         def release() -> None:
