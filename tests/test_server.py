@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from proxy.config import ServerConfig, Settings
-from proxy.server import OneSendPerTurn, allowed_connections
+from proxy.server import MAX_TARGET_BYTES, OneSendPerTurn, allowed_connections
 from tests.constants import ALPHA, VERSION
 from tests.support import Served, served_proxy, wait_for
 
@@ -103,6 +103,33 @@ def test_a_header_section_within_the_bound_is_served(serve_bounded: Callable[...
         reply = _read_reply(conn)
 
     _assert_envelope(reply, 401, "authentication_error")  # it reached the app: no key was sent
+
+
+def test_a_request_target_longer_than_any_files_route_gets_414_before_the_app(
+    serve_bounded: Callable[..., Served],
+) -> None:
+    """A target past MAX_TARGET_BYTES is refused unparsed, even with a body and a pipelined request
+    behind it; one just within it reaches the app (whose own bound on the query answers 400)."""
+    served = serve_bounded()
+    long_target = b"/v1/files?after_id=" + b"a" * MAX_TARGET_BYTES
+    body = b"x" * 100
+    with _connect(served) as conn:
+        conn.sendall(
+            AUTHENTICATED.replace(b"GET /v1/files", b"POST " + long_target)
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+            + AUTHENTICATED
+            + b"\r\n"
+        )
+        reply = _read_reply(conn)
+        assert _is_closed(conn)
+    _assert_envelope(reply, 414, "invalid_request_error")
+    assert reply[1]["connection"] == "close"
+
+    within = b"/v1/files?after_id=" + b"a" * (MAX_TARGET_BYTES - 100)
+    with _connect(served) as conn:
+        conn.sendall(AUTHENTICATED.replace(b"/v1/files", within, 1) + b"\r\n")
+        _assert_envelope(_read_reply(conn), 400, "invalid_request_error")
 
 
 def test_a_header_section_sent_too_slowly_is_closed_after_the_header_timeout(
