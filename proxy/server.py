@@ -122,12 +122,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_room: int | None = bounds.max_header_bytes
         self._target_bytes = 0  # of the current request's target, as the parser hands it over
         self._head_timer: asyncio.TimerHandle | None = None
+        self._serving = False  # uvicorn's side of the connection is set up (on its first byte)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Count the connection and start its header timer; uvicorn's own set-up waits for the first
+        byte, as nginx waits for one before it gives a connection its request buffers: connections
+        opened and never used (pools, pre-connecting balancers, or thousands from one client) then
+        cost the loop little, which the requests being served would otherwise wait for."""
         # Our own answers (431, 408, 503) go through the same transport as uvicorn's, so they leave
         # after an answer it still holds, never before it.
         self._bounded_transport = OneSendPerTurn(transport)
-        super().connection_made(self._bounded_transport)
+        self._open_connections.add(self)  # counted for the cap, and closed at shutdown, from now
         if len(self._open_connections) > self._bounds.max_connections:
             self._refuse(503, "overloaded_error", "The proxy is serving its maximum of connections.")
             return
@@ -135,10 +140,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
-        super().connection_lost(exc)
+        if self._serving:
+            super().connection_lost(exc)
+        else:
+            self._open_connections.discard(self)
+
+    def shutdown(self) -> None:
+        if self._serving:
+            super().shutdown()
+        elif self._bounded_transport is not None:
+            self._bounded_transport.close()
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser no more of a header section than the bound allows."""
+        if self._closing():
+            return
+        if not self._serving:
+            self._serving = True
+            super().connection_made(self._bounded_transport)  # type: ignore[arg-type]
         while data and self._head_room is not None:
             if self._head_timer is None:
                 self._start_head_timer()  # the first byte of a request on a kept-alive connection

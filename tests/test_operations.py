@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -114,9 +115,15 @@ def test_sigterm_finishes_an_upload_in_flight_then_exits(
     started = threading.Event()
     thread, answers = _upload_in_background(proxy_process.url, ALPHA.proxy_key, started)
     assert started.wait(5)
+    port = httpx.URL(proxy_process.url).port
+    assert port is not None
+    # Opened and never used: closed by the shutdown, not by its header timeout (10 s) much later.
+    unused = socket.create_connection(("127.0.0.1", port), timeout=5)
     time.sleep(0.2)
 
     proxy_process.signal(signal.SIGTERM)
+    assert unused.recv(1) == b""
+    unused.close()
     time.sleep(0.3)
     with pytest.raises(httpx.ConnectError):  # no longer accepting
         httpx.get(f"{proxy_process.url}/healthz")
