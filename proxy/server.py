@@ -11,7 +11,8 @@ callbacks:
 - a header section not complete within `server.header_timeout_s` of its first byte (of the
   connection's opening, for a new connection) is closed;
 - an idle keep-alive connection is closed after `server.keep_alive_s` (uvicorn's own timer);
-- past `server.max_connections` connections, a new one gets 503 and is closed at once.
+- past `server.max_connections` connections, a new one gets 503 and is closed at once;
+- a connection costs little until its first byte: uvicorn's protocol is made only then (`_Unused`).
 
 And an answer's head and body leave in one send (`OneSendPerTurn`), not the two uvicorn makes.
 
@@ -102,6 +103,51 @@ class OneSendPerTurn(asyncio.Transport):
         self._transport.resume_reading()
 
 
+class _Unused(asyncio.Protocol):
+    """A connection before its first byte: counted for the cap, closed if it stays silent for the
+    header timeout, and nothing else. uvicorn's protocol (its parser and state) is made when the
+    first byte comes, as nginx gives a connection its request buffers only then: connections opened
+    and never used (pools, balancers that connect ahead, or thousands from one client) cost the loop
+    little, which the requests being served would otherwise wait for."""
+
+    def __init__(
+        self, serving: Callable[[float], asyncio.Protocol], connections: set[Any], bounds: ServerConfig
+    ) -> None:
+        self._serving = serving  # the protocol that takes over, given when its first head is due
+        self._connections = connections
+        self._bounds = bounds
+        self._transport: asyncio.Transport | None = None
+        self._silence: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._transport = transport
+        self._connections.add(self)  # counted for the cap, and closed at shutdown, from now
+        if len(self._connections) > self._bounds.max_connections:
+            _refuse(transport, 503, "overloaded_error", "The proxy is serving its maximum of connections.")
+            return
+        self._silence = asyncio.get_running_loop().call_later(self._bounds.header_timeout_s, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None or self._silence is None or self._transport.is_closing():
+            return
+        self._silence.cancel()
+        self._connections.discard(self)
+        protocol = self._serving(self._silence.when())  # its first head is due when silence would end
+        self._transport.set_protocol(protocol)
+        protocol.connection_made(self._transport)
+        protocol.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._silence is not None:
+            self._silence.cancel()
+        self._connections.discard(self)
+
+    def shutdown(self) -> None:
+        """What uvicorn asks of every connection it counts when it shuts down."""
+        if self._transport is not None:
+            self._transport.close()
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with the header section bounded in bytes and in time."""
 
@@ -113,51 +159,30 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
         bounds: ServerConfig,
+        first_head_due: float,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._bounds = bounds
-        self._open_connections = server_state.connections
+        self._first_head_due = first_head_due  # loop time: the header timeout counts from the opening
         self._bounded_transport: asyncio.Transport | None = None
         # Bytes of the current header section still allowed; None while a request's body is read.
         self._head_room: int | None = bounds.max_header_bytes
         self._target_bytes = 0  # of the current request's target, as the parser hands it over
         self._head_timer: asyncio.TimerHandle | None = None
-        self._serving = False  # uvicorn's side of the connection is set up (on its first byte)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Count the connection and start its header timer; uvicorn's own set-up waits for the first
-        byte, as nginx waits for one before it gives a connection its request buffers: connections
-        opened and never used (pools, pre-connecting balancers, or thousands from one client) then
-        cost the loop little, which the requests being served would otherwise wait for."""
-        # Our own answers (431, 408, 503) go through the same transport as uvicorn's, so they leave
+        # Our own answers (431, 414, 408) go through the same transport as uvicorn's, so they leave
         # after an answer it still holds, never before it.
         self._bounded_transport = OneSendPerTurn(transport)
-        self._open_connections.add(self)  # counted for the cap, and closed at shutdown, from now
-        if len(self._open_connections) > self._bounds.max_connections:
-            self._refuse(503, "overloaded_error", "The proxy is serving its maximum of connections.")
-            return
-        self._start_head_timer()
+        super().connection_made(self._bounded_transport)
+        self._head_timer = asyncio.get_running_loop().call_at(self._first_head_due, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
-        if self._serving:
-            super().connection_lost(exc)
-        else:
-            self._open_connections.discard(self)
-
-    def shutdown(self) -> None:
-        if self._serving:
-            super().shutdown()
-        elif self._bounded_transport is not None:
-            self._bounded_transport.close()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser no more of a header section than the bound allows."""
-        if self._closing():
-            return
-        if not self._serving:
-            self._serving = True
-            super().connection_made(self._bounded_transport)  # type: ignore[arg-type]
         while data and self._head_room is not None:
             if self._head_timer is None:
                 self._start_head_timer()  # the first byte of a request on a kept-alive connection
@@ -221,22 +246,43 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return self._bounded_transport is None or self._bounded_transport.is_closing()
 
     def _refuse(self, status: int, error_type: str, message: str) -> None:
-        """Answer in Anthropic's envelope before any request reached the app, and close."""
         self._stop_head_timer()
         self._head_room = None
-        if self._closing():
-            return
-        assert self._bounded_transport is not None
-        request_id = new_request_id()
-        body = json.dumps(
-            {"type": "error", "error": {"type": error_type, "message": message}, "request_id": request_id}
-        ).encode()
-        head = (
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nrequest-id: {request_id}\r\nconnection: close\r\n\r\n"
+        if not self._closing():
+            assert self._bounded_transport is not None
+            _refuse(self._bounded_transport, status, error_type, message)
+
+
+def _refuse(transport: asyncio.Transport, status: int, error_type: str, message: str) -> None:
+    """Answer in Anthropic's envelope before any request reached the app, and close."""
+    request_id = new_request_id()
+    body = json.dumps(
+        {"type": "error", "error": {"type": error_type, "message": message}, "request_id": request_id}
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nrequest-id: {request_id}\r\nconnection: close\r\n\r\n"
+    )
+    transport.write(head.encode() + body)
+    transport.close()
+
+
+def _connection(
+    config: uvicorn.Config,
+    server_state: ServerState,
+    app_state: dict[str, Any],
+    _loop: asyncio.AbstractEventLoop | None = None,
+    *,
+    bounds: ServerConfig,
+) -> _Unused:
+    """What uvicorn makes for each accepted connection (its `http` protocol factory)."""
+
+    def serving(first_head_due: float) -> BoundedHttpToolsProtocol:
+        return BoundedHttpToolsProtocol(
+            config, server_state, app_state, _loop, bounds=bounds, first_head_due=first_head_due
         )
-        self._bounded_transport.write(head.encode() + body)
-        self._bounded_transport.close()
+
+    return _Unused(serving, server_state.connections, bounds)
 
 
 def allowed_connections(wanted: int) -> int:
@@ -278,7 +324,7 @@ def server_config(app: Any, log_level: str, bounds: ServerConfig) -> uvicorn.Con
     logging.getLogger("uvicorn.error").addFilter(_UPGRADE_WARNINGS)  # once: a logger keeps a filter once
     return uvicorn.Config(
         app,
-        http=partial(BoundedHttpToolsProtocol, bounds=bounds),  # type: ignore[arg-type]
+        http=partial(_connection, bounds=bounds),  # type: ignore[arg-type]
         ws="none",
         log_config=None,
         # uvicorn's info lines (startup, "Uvicorn running on") come from a logger named `uvicorn.error`
