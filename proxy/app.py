@@ -137,6 +137,6 @@ def create_app(
         [log_access, metrics.observe, usage.add],
         on_start=metrics.request_started,
         on_end=metrics.request_ended,
-        fair_share=upstream.fair_share,
+        charge=upstream.fair_share.charge,
     )
     return ProxyApp(edge, reload)

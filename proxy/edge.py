@@ -3,8 +3,8 @@
 It makes the request's `Exchange`, picks its endpoint (a control route, or else the Files handler),
 renders every error in Anthropic's envelope (the one place errors become answers), adds `request-id`,
 and `Cache-Status` and `Age` from the exchange's typed cache outcome, counts the bytes really
-received and sent (streamed bodies included), runs the request's steps under its team's fair share
-of the loop (`fairness.py`), and hands the finished exchange to the sinks: the access log, metrics and usage.
+received and sent (streamed bodies included), charges the loop time of the request's steps to its
+team (`fairness.py`), and hands the finished exchange to the sinks: the access log, metrics and usage.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from proxy.errors import ProxyError, error_response, new_request_id
 from proxy.exchange import Exchange
-from proxy.fairness import FairShare
+from proxy.fairness import timed
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Edge:
         *,
         on_start: Callable[[], None],
         on_end: Callable[[], None],
-        fair_share: FairShare,
+        charge: Callable[[str, float], None],
     ) -> None:
         self._files = files
         self._control = {route.path: route for route in control}
@@ -60,7 +60,7 @@ class Edge:
         self._sinks = sinks
         self._on_start = on_start
         self._on_end = on_end
-        self._fair_share = fair_share
+        self._charge = charge
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -97,18 +97,19 @@ class Edge:
                 exchange.bytes_out += len(message.get("body", b""))
             await send(message)
 
-        def team() -> str | None:
-            return None if exchange.tenant is None else exchange.tenant.name
+        def charged(seconds: float) -> None:
+            if exchange.tenant is not None:
+                self._charge(exchange.tenant.name, seconds)
 
         self._on_start()
         try:
             request = Request(scope, counting_receive)
             try:
                 answering = self._files(exchange, request) if endpoint is None else endpoint(request)
-                response = await self._fair_share.steps(answering, team)
+                response = await timed(answering, charged)
             except Exception as exc:
                 response = _rendered(exc, exchange)
-            await self._fair_share.steps(response(scope, counting_receive, tagging_send), team)
+            await timed(response(scope, counting_receive, tagging_send), charged)
         finally:
             self._on_end()
             exchange.duration_ms = round((time.perf_counter() - exchange.started) * 1000, 3)

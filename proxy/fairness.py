@@ -1,20 +1,15 @@
 """Fair shares of the proxy's CPU: while the proxy is busy, a team using more than its share of it
-is held, so the other teams' requests do not queue behind its work.
+gets fewer upstream requests at once, so the other teams' requests do not queue behind its work.
 
-One event loop serves every team, and a request's work runs in steps (from one await to the next)
-that the loop takes in turn. A team whose requests cost much CPU (list pages of many files, say)
-keeps several such steps ready at once, and every other team's cached hit waits behind them all.
-Its concurrency buys it nothing while the proxy is busy (one loop runs one step at a time), so
-while it is over its share:
-- its upstream window is lowered, as TCP lowers a window: cut in half each tick, down to 1, and
-  raised by one a tick once it is within its share again, back to its `max_upstream_connections`;
-  fewer of its requests at once means less of its work in the proxy, the store and the upstream;
-- its steps take turns: one at a time, the next only at the loop's next pass, once what became
-  ready meanwhile has run, so the other teams' steps go between its steps, not behind a queue of them.
-A team whose requests mostly wait on the upstream (slow answers, long downloads) uses little CPU
-and is not held, nor is a lone team, nor anyone while the proxy has room to spare.
+One event loop serves every team, and a request's work runs in steps the loop takes in turn. A
+team whose misses cost much CPU (list pages of many files, say) keeps several such steps queued at
+once, and every other team's cached hit waits behind them. Its concurrency buys it nothing while
+the proxy is busy (one loop runs one step at a time), so it is lowered, as TCP lowers a window: cut
+in half each tick its team is over its share while the process is busy, raised by one each tick
+otherwise, back to its `max_upstream_connections`. A team whose requests mostly wait on the
+upstream (slow answers, long downloads) uses little CPU and keeps its whole share.
 
-The CPU a team uses is measured, not guessed: the loop time of each step of its requests (`steps`).
+The CPU a team uses is measured, not guessed: the loop time of each step of its requests (`timed`).
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import types
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -49,56 +44,13 @@ class Load:
     limit: int
 
 
-class _Turns:
-    """A held team's steps, one per turn, in order. A turn ends at the loop's next pass after its
-    step, so whatever became ready during the step runs before the team's next one."""
-
-    def __init__(self) -> None:
-        self._taken = False
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._ended = False  # the team is no longer held: every step goes at once
-
-    def take(self) -> asyncio.Future[None] | None:
-        """None when the turn is the caller's now; else a future done when it is."""
-        if self._ended:
-            return None
-        if not self._taken:
-            self._taken = True
-            return None
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        return waiter
-
-    def give_back(self) -> None:
-        """The turn's step is done: hand the turn on at the loop's next pass."""
-        if not self._ended:
-            asyncio.get_running_loop().call_soon(self._hand_on)
-
-    def end(self) -> None:
-        self._ended = True
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
-
-    def _hand_on(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():  # a cancelled waiter takes no turn
-                waiter.set_result(None)
-                return
-        self._taken = False
-
-
 class FairShare:
-    """Each team's recent CPU (loop time); for each team held to its share, its upstream window and
-    its turns."""
+    """Each team's recent CPU (loop time), and the upstream window of each team held to its share."""
 
     def __init__(self) -> None:
         self._spent: defaultdict[str, float] = defaultdict(float)  # this tick
         self._recent: dict[str, float] = {}
         self._windows: dict[str, int] = {}  # only teams held below their limit
-        self._turns: dict[str, _Turns] = {}  # only teams over their share now
 
     def charge(self, team: str, seconds: float) -> None:
         self._spent[team] += seconds
@@ -115,11 +67,11 @@ class FairShare:
             recent[team] = recent.get(team, 0.0) + spent
         self._spent.clear()
         self._recent = {team: used for team, used in recent.items() if used > _IDLE_S}
-        fair = sum(self._recent.values()) / max(len(self._recent), 1)
-        over = {team for team, used in self._recent.items() if busy >= BUSY and used > fair}
+        total = sum(self._recent.values())
+        fair = 1 / len(self._recent) if self._recent else 1.0
         for team, load in loads.items():
             window = self._windows.get(team, load.limit)
-            if team in over:
+            if busy >= BUSY and self._recent.get(team, 0.0) > fair * total:
                 window = max(1, min(window, load.in_flight) // 2)
             else:
                 window += 1
@@ -127,55 +79,6 @@ class FairShare:
                 self._windows[team] = window
             else:
                 self._windows.pop(team, None)
-        for team in self._turns.keys() - over:
-            self._turns.pop(team).end()
-        for team in over - self._turns.keys():
-            self._turns[team] = _Turns()
-
-    def steps(self, awaitable: Awaitable[_T], team: Callable[[], str | None]) -> Awaitable[_T]:
-        """`awaitable`, each step charged to `team()` (None: not known yet) and, while that team is
-        over its share, run in its turn."""
-        return self._steps(awaitable, team)
-
-    @types.coroutine
-    def _steps(self, awaitable: Awaitable[_T], team: Callable[[], str | None]) -> Generator[Any, Any, _T]:
-        steps = awaitable.__await__()
-        sent: Any = None
-        thrown: BaseException | None = None
-        while True:
-            name = team()
-            turns = None if name is None else self._turns.get(name)
-            waiter = None if turns is None else turns.take()
-            if waiter is not None:
-                try:
-                    yield from waiter.__await__()
-                except BaseException as exc:
-                    if not (waiter.done() and not waiter.cancelled()):
-                        turns = None  # it never had the turn
-                    if isinstance(exc, GeneratorExit):
-                        if turns is not None:
-                            turns.give_back()
-                        steps.close()
-                        raise
-                    sent, thrown = None, exc  # cancelled while waiting: the next step takes it in
-            started = time.perf_counter()
-            try:
-                yielded = steps.send(sent) if thrown is None else steps.throw(thrown)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            finally:
-                name = team()  # the step that authenticates names the team
-                if name is not None:
-                    self.charge(name, time.perf_counter() - started)
-                if turns is not None:
-                    turns.give_back()
-            try:
-                sent, thrown = (yield yielded), None
-            except GeneratorExit:
-                steps.close()
-                raise
-            except BaseException as exc:
-                sent, thrown = None, exc
 
     async def run(self, loads: Callable[[], Mapping[str, Load]], applied: Callable[[], None]) -> None:
         """Tick until cancelled: `loads` reads the teams' upstream requests, `applied` is told the
@@ -187,3 +90,30 @@ class FairShare:
             self.tick((now_cpu - cpu) / max(now_wall - wall, 1e-9), loads())
             wall, cpu = now_wall, now_cpu
             applied()
+
+
+def timed(awaitable: Awaitable[_T], charge: Callable[[float], None]) -> Awaitable[_T]:
+    """`awaitable`, with the loop time of each of its steps passed to `charge`."""
+    return _timed(awaitable, charge)
+
+
+@types.coroutine
+def _timed(awaitable: Awaitable[_T], charge: Callable[[float], None]) -> Generator[Any, Any, _T]:
+    steps = awaitable.__await__()
+    sent: Any = None
+    thrown: BaseException | None = None
+    while True:
+        started = time.perf_counter()
+        try:
+            yielded = steps.send(sent) if thrown is None else steps.throw(thrown)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        finally:
+            charge(time.perf_counter() - started)
+        try:
+            sent, thrown = (yield yielded), None
+        except GeneratorExit:
+            steps.close()
+            raise
+        except BaseException as exc:
+            sent, thrown = None, exc

@@ -187,8 +187,7 @@ class UpstreamClient:
 
     def __init__(self, config: UpstreamConfig) -> None:
         self._config = config
-        # The edge runs each request's steps through it (charging its team's CPU, and taking turns while
-        # the team is held); here it narrows a held team's upstream window.
+        # Each team's CPU is charged here by the edge; it narrows the team's share while the proxy is busy.
         self.fair_share = FairShare()
         self._tls = tls_context(config.ca_file)
         egress = config.egress_proxy()

@@ -1,18 +1,14 @@
 """Fair shares of the proxy's CPU: what each team's steps cost is measured, and while the process is
-busy a team over its share gets fewer upstream requests at once and its steps take turns, one per
-pass of the loop with the other teams' steps between; an idle or lone team never is held."""
+busy a team over its share gets fewer upstream requests at once; an idle or lone team never does."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 
 from proxy.config import UpstreamConfig
-from proxy.fairness import BUSY, FairShare, Load
+from proxy.fairness import BUSY, FairShare, Load, timed
 from proxy.upstream import UpstreamClient
 from tests.constants import ALPHA
 
@@ -73,102 +69,27 @@ def test_a_team_that_stopped_using_the_proxy_stops_counting() -> None:
     assert share.window(HEAVY, LIMIT) == LIMIT
 
 
-def _as_team(share: FairShare, team: str, awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
-    return asyncio.ensure_future(share.steps(awaitable, lambda: team))
-
-
-def _hold(share: FairShare, team: str) -> None:
-    """Put `team` over its share while the process is busy."""
-    share.charge(team, 0.04)
-    share.charge("other", 0.001)
-    share.tick(1.0, {team: Load(in_flight=4, limit=LIMIT)})
-    assert share.window(team, LIMIT) < LIMIT
-
-
 @pytest.mark.anyio
-async def test_a_held_team_runs_one_step_per_pass_and_the_other_teams_steps_go_between() -> None:
-    share = FairShare()
-    _hold(share, HEAVY)
-    passes = 0
+async def test_timed_charges_the_loop_time_of_each_step_and_passes_results_and_errors_through() -> None:
+    charged: list[float] = []
 
-    async def count_passes() -> None:
-        nonlocal passes
-        while True:
-            passes += 1
-            await asyncio.sleep(0)  # back at the next pass
-
-    seen: dict[str, list[int]] = {HEAVY: [], LIGHT: []}
-
-    async def work(team: str) -> None:
-        for _ in range(5):
-            seen[team].append(passes)
+    async def steps() -> str:
+        for _ in range(3):
             await asyncio.sleep(0)
-
-    counter = asyncio.create_task(count_passes())
-    await asyncio.sleep(0)
-    await asyncio.gather(*(_as_team(share, team, work(team)) for team in (HEAVY, LIGHT) * 3))
-    counter.cancel()
-
-    assert len(seen[HEAVY]) == 15 and len(set(seen[HEAVY])) == 15  # never two in one pass
-    assert len(set(seen[LIGHT])) < len(seen[LIGHT])  # not held: its steps share passes
-    assert max(seen[LIGHT]) < max(seen[HEAVY])  # so it was done first
-
-
-@pytest.mark.anyio
-async def test_a_cancelled_waiting_step_takes_no_turn_and_a_team_within_its_share_runs_freely() -> None:
-    share = FairShare()
-    _hold(share, HEAVY)
-    order: list[str] = []
-    go_on = asyncio.Event()
-
-    async def step_then(name: str, wait: Callable[[], Awaitable[Any]]) -> None:
-        order.append(name)
-        await wait()
-        order.append(f"{name} again")
-
-    first, second, third = (
-        _as_team(share, HEAVY, step_then(name, go_on.wait)) for name in ("first", "second", "third")
-    )
-    await asyncio.sleep(0)  # the first took the turn; the other two wait for theirs
-    second.cancel()
-    await asyncio.sleep(0.01)
-    assert order == ["first", "third"]  # each in its turn; the cancelled one took none
-    with pytest.raises(asyncio.CancelledError):
-        await second
-
-    share.tick(BUSY / 2, {})  # the proxy has room again: the team's steps no longer take turns
-    go_on.set()
-    await asyncio.gather(first, third)
-    assert sorted(order[2:]) == ["first again", "third again"]
-
-
-@pytest.mark.anyio
-async def test_steps_are_charged_to_the_team_named_and_results_errors_pass_through() -> None:
-    share = FairShare()
-    team: str | None = None
-
-    async def names_its_team() -> str:
-        nonlocal team
-        await asyncio.sleep(0)
-        team = HEAVY  # as authentication names the tenant, in a step of the request
-        time.sleep(0.005)  # the step's CPU
-        await asyncio.sleep(0)
         return "done"
 
     async def fails() -> None:
         await asyncio.sleep(0)
         raise LookupError("inner")
 
-    assert await share.steps(names_its_team(), lambda: team) == "done"
+    assert await timed(steps(), charged.append) == "done"
+    assert len(charged) == 4 and all(seconds >= 0 for seconds in charged)
     with pytest.raises(LookupError, match="inner"):
-        await share.steps(fails(), lambda: LIGHT)
-    share.charge("other", 0.001)
-    share.tick(1.0, {HEAVY: Load(in_flight=4, limit=LIMIT)})
-    assert share.window(HEAVY, LIMIT) == 2  # its 5 ms were charged to it: over its share, halved
+        await timed(fails(), charged.append)
 
 
 @pytest.mark.anyio
-async def test_a_cancellation_reaches_the_awaitable() -> None:
+async def test_timed_passes_a_cancellation_into_the_awaitable() -> None:
     cleaned = asyncio.Event()
 
     async def waits() -> None:
@@ -177,7 +98,7 @@ async def test_a_cancellation_reaches_the_awaitable() -> None:
         finally:
             cleaned.set()
 
-    task = _as_team(FairShare(), HEAVY, waits())
+    task = asyncio.create_task(timed(waits(), lambda seconds: None))  # type: ignore[arg-type]
     await asyncio.sleep(0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
