@@ -160,7 +160,7 @@ class _Share:
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # handed a slot it will not use
-            else:
+            elif waiter in self._waiters:  # a hand-over may have skipped it already
                 self._waiters.remove(waiter)
             raise
 
@@ -174,8 +174,10 @@ class _Share:
 
     def _hand_over(self) -> None:
         while self._waiters and self.in_flight < self.window:
-            self.in_flight += 1
-            self._waiters.popleft().set_result(None)
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # cancelled, its task not yet run: it takes no slot
+                self.in_flight += 1
+                waiter.set_result(None)
 
 
 class UpstreamClient:

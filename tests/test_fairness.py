@@ -131,3 +131,28 @@ async def test_a_narrowed_share_serves_its_waiters_in_order_and_a_cancelled_one_
     first()
     await asyncio.gather(waiters[0], waiters[2])
     assert order == [0, 2]
+
+
+@pytest.mark.anyio
+async def test_a_slot_freed_while_the_first_waiter_is_being_cancelled_goes_to_the_next() -> None:
+    """A waiter cancelled (by its pool timeout, or its client leaving) is skipped when a slot is
+    handed over, even before its own task has run to leave the queue."""
+    tenant = ALPHA.tenant()
+    client = UpstreamClient(UpstreamConfig(max_connections=2, pool_timeout_s=5))
+    first = await client._take_share(tenant)
+    order: list[int] = []
+
+    async def wait(number: int) -> None:
+        release = await client._take_share(tenant)
+        order.append(number)
+        release()
+
+    waiters = [asyncio.create_task(wait(number)) for number in range(2)]
+    await asyncio.sleep(0.01)
+    waiters[0].cancel()
+    first()  # in the same turn: the cancelled waiter has not left the queue yet
+    await waiters[1]
+    with pytest.raises(asyncio.CancelledError):
+        await waiters[0]
+    assert order == [1]
+    await asyncio.wait_for(client._take_share(tenant), 1)  # and the slot came back after
