@@ -72,6 +72,10 @@ class Context:
         return self.services.bare(bodies)
 
     @cached_property
+    def lean(self) -> Service:
+        return self.services.lean(self.simulator.url, self.redis.url, self.keys)
+
+    @cached_property
     def nginx(self) -> Service:
         return self.services.nginx(self.simulator.port)
 

@@ -197,6 +197,22 @@ class Services:
             "bare", command, port, cwd=_BENCH_DIR.parent, ready=lambda url: _answers(f"{url}/healthz")
         )
 
+    def lean(self, upstream_url: str, redis_url: str, keys: Keys) -> Service:
+        """The lean stand-in proxy of `bench/lean.py`, a miss's floor."""
+        port = free_port()
+        command = [sys.executable, "-m", "bench.lean", "--port", str(port), "--upstream", upstream_url]
+        command += ["--redis", redis_url, "--key-sha256", hash_key(keys.proxy_key)]
+        command += ["--upstream-key-env", _UPSTREAM_KEY_ENV]
+        return self._spawn(
+            "lean",
+            command,
+            port,
+            env={**os.environ, _UPSTREAM_KEY_ENV: keys.upstream_key},
+            cwd=_BENCH_DIR.parent,
+            stdout=self.workdir / "lean.log",
+            ready=lambda url: _answers(f"{url}/healthz"),
+        )
+
     def nginx(self, upstream_port: int) -> Service:
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(binary).exists():
