@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from bench.context import Context, Options
+from bench.machine import StolenTime
 from bench.report import command_line, write_results
 from bench.scenarios import SCENARIOS, SMOKE_SCENARIOS
 from bench.services import Services, server_runtime
@@ -42,13 +43,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = _options(args)
     _raise_file_limit()
     rows: list[Row] = []
+    stolen: dict[str, float] = {}
     with _sigterm_as_interrupt(), _workdir(args.workdir) as workdir:
         with Services(workdir) as services:
             ctx = Context(services, options)
             for name in names:
                 print(f"bench: {name} ...", file=sys.stderr, flush=True)
-                rows += SCENARIOS[name].run(ctx)
-            notes = _notes(ctx)
+                with StolenTime() as steal:
+                    rows += SCENARIOS[name].run(ctx)
+                stolen[name] = steal.share
+            notes = _notes(ctx, stolen)
     write_results(args.out, rows, command_line(), notes)
     print(markdown_table(rows), end="")
     print(f"bench: wrote {args.out}/latest.md, latest.json and latest.png", file=sys.stderr)
@@ -95,7 +99,7 @@ def _options(args: argparse.Namespace) -> Options:
     return Options(**{**base.__dict__, **{k: v for k, v in given.items() if v is not None}})
 
 
-def _notes(ctx: Context) -> list[str]:
+def _notes(ctx: Context, stolen: dict[str, float]) -> list[str]:
     started = [name for name in ("simulator", "proxy_redis", "proxy_memory", "bare") if name in ctx.__dict__]
     runtimes = ", ".join(
         f"{name.replace('_', ' ')} {server_runtime(getattr(ctx, name).pid)}" for name in started
@@ -104,6 +108,8 @@ def _notes(ctx: Context) -> list[str]:
         "one process each, on loopback, sharing the machine with wrk; one scenario at a time",
         f"event loop and HTTP parser each server really loaded: {runtimes or 'none started'}",
         "misses: `Cache-Control: no-cache` on every request (store lookup, upstream fetch, store write)",
+        "CPU time the hypervisor gave to other guests (steal) during each scenario: "
+        + ", ".join(f"{name} {share:.0%}" for name, share in stolen.items()),
     ]
 
 

@@ -60,6 +60,7 @@ from bench.attacks import (
     websocket_upgrades,
 )
 from bench.context import Context
+from bench.machine import StolenTime
 from bench.seed import add_files
 from bench.services import Keys, free_port
 from bench.table import Row
@@ -146,6 +147,7 @@ class Window:
     attack: str  # what the attack did, in its own words
     exit_code: int | None  # the proxy's, if it died during the window
     sigterm_s: float | None = None  # how long SIGTERM took to end the stalled-stdout proxy (None: it did not)
+    stolen: float = 0.0  # the hypervisor's share of the machine's CPU time over the window
 
 
 def noisy_neighbour(ctx: Context) -> list[Row]:
@@ -250,7 +252,7 @@ class _Run:
             deadline = attack_from + self.window_s
             target = Target("127.0.0.1", port, self.noisy.proxy_key, self.files, self.scale)
             redis_before = self._redis_used()
-            with contextlib.ExitStack() as children:
+            with contextlib.ExitStack() as children, StolenTime() as steal:
                 victim = children.enter_context(_Child(_run_victim, plan))
                 attacker = None
                 if attack is not None:
@@ -263,7 +265,7 @@ class _Run:
             sigterm_s = _stop(process, _STALLED_GRACE_S + _SIGTERM_SLACK_S) if stalled else None
         growth = self._redis_used() - redis_before
         self.ctx.forget_requests()
-        return Window(result, rss.peak_rss, growth, did, exit_code, sigterm_s)
+        return Window(result, rss.peak_rss, growth, did, exit_code, sigterm_s, steal.share)
 
     @contextlib.contextmanager
     def _proxy(self, name: str, *, stalled_stdout: bool) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
@@ -438,6 +440,7 @@ def _victim_text(window: Window) -> str:
 def _proxy_text(window: Window) -> str:
     growth = round(window.redis_growth / MB, 1) + 0.0  # never "-0.0"
     text = f"proxy peak RSS {window.peak_rss / 2**20:,.0f} MB, Redis {growth:+,.1f} MB"
+    text += f"; hypervisor steal {window.stolen:.0%}"
     if window.exit_code is not None:
         text += f"; THE PROXY EXITED ({window.exit_code})"
     return text
@@ -451,6 +454,7 @@ def _numbers(window: Window) -> dict[str, float]:
         "requests": window.victim.answered + window.victim.error_count,
         "peak_rss_mb": window.peak_rss / 2**20,
         "redis_growth_mb": window.redis_growth / MB,
+        "steal_share": window.stolen,
     }
 
 

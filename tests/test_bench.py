@@ -52,6 +52,7 @@ def test_smoke_run_measures_single_flight_streaming_and_noisy_neighbours(tmp_pat
         assert row["numbers"]["requests"] == pytest.approx(1600, abs=8)
         assert 0 < row["numbers"]["p50_ms"] <= row["numbers"]["p99_ms"]
         assert row["numbers"]["peak_rss_mb"] > 0
+        assert 0 <= row["numbers"]["steal_share"] < 1 and "hypervisor steal " in row["measured"]
     for row, attack in zip(attacked, ATTACKS, strict=True):
         assert row["scenario"].startswith(f"noisy neighbour: {attack.label}")
         assert "attack: " in row["measured"] and row["numbers"]["p99_ratio"] > 0
@@ -59,6 +60,7 @@ def test_smoke_run_measures_single_flight_streaming_and_noisy_neighbours(tmp_pat
     table = (tmp_path / "latest.md").read_text()
     assert "| 100 concurrent GETs of one uncached file | proxy (redis) |" in table
     assert "machine: " in table and "command: `python -m bench" in table
+    assert "(steal) during each scenario: single-flight " in table
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG")
 
 
