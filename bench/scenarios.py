@@ -108,27 +108,17 @@ def miss(ctx: Context) -> list[Row]:
         cpu_ratio = _cpu_ratio(proxied, lean)
         added = f"{cpu_ratio:.1f} x the stand-in's CPU; {_over_direct(proxied, direct)}"
         cpu_met = cpu_ratio <= _MISS_CPU_RATIO
+        numbers: dict[str, float] = {"cpu_ratio": cpu_ratio}
         if connections == 1:
-            target = f"p50 <= direct + 0.5 ms; {_MISS_CPU_TARGET}"
+            target, versus = f"p50 <= direct + 0.5 ms; {_MISS_CPU_TARGET}", added
             met = proxied.p50_ms - direct.p50_ms <= 0.5 and cpu_met
-            rows.append(
-                _compared(scenario, "proxy (redis)", proxied, target, added, met, cpu_ratio=cpu_ratio)
-            )
         elif connections < max(_MISS_CONNECTIONS):
-            rows.append(
-                _compared(
-                    scenario, "proxy (redis)", proxied, _MISS_CPU_TARGET, added, cpu_met, cpu_ratio=cpu_ratio
-                )
-            )
+            target, versus, met = _MISS_CPU_TARGET, added, cpu_met
         else:
-            ratio = proxied.rps / proxy_rps[8]
+            numbers["ratio"] = ratio = proxied.rps / proxy_rps[8]
             target = f">= 0.9 x the proxy's 8-conn req/s; {_MISS_CPU_TARGET}"
             versus, met = f"{ratio:.2f} x 8 conns; {added}", ratio >= 0.9 and cpu_met
-            rows.append(
-                _compared(
-                    scenario, "proxy (redis)", proxied, target, versus, met, ratio=ratio, cpu_ratio=cpu_ratio
-                )
-            )
+        rows.append(_compared(scenario, "proxy (redis)", proxied, target, versus, met, **numbers))
     return rows
 
 

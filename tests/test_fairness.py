@@ -4,10 +4,11 @@ busy a team over its share gets fewer upstream requests at once; an idle or lone
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
-from proxy.config import UpstreamConfig
+from proxy.config import Tenant, UpstreamConfig
 from proxy.fairness import BUSY, FairShare, Load, timed
 from proxy.upstream import UpstreamClient
 from tests.constants import ALPHA
@@ -106,6 +107,24 @@ async def test_timed_passes_a_cancellation_into_the_awaitable() -> None:
     assert cleaned.is_set()
 
 
+async def _queued_behind_one(
+    client: UpstreamClient, tenant: Tenant, count: int
+) -> tuple[Callable[[], None], list[int], list[asyncio.Task[None]]]:
+    """One slot taken, then `count` requests waiting for theirs: the first one's release, the order
+    the waiters got their slots in, and the waiters."""
+    first = await client._take_share(tenant)
+    order: list[int] = []
+
+    async def wait(number: int) -> None:
+        release = await client._take_share(tenant)
+        order.append(number)
+        release()
+
+    waiters = [asyncio.create_task(wait(number)) for number in range(count)]
+    await asyncio.sleep(0.01)
+    return first, order, waiters
+
+
 @pytest.mark.anyio
 async def test_a_narrowed_share_serves_its_waiters_in_order_and_a_cancelled_one_takes_no_slot() -> None:
     """The upstream client applies the team's window: past it, its requests wait their turn."""
@@ -116,16 +135,7 @@ async def test_a_narrowed_share_serves_its_waiters_in_order_and_a_cancelled_one_
     client.fair_share.tick(1.0, {tenant.name: Load(in_flight=2, limit=4)})
     assert client.fair_share.window(tenant.name, 4) == 1
 
-    first = await client._take_share(tenant)
-    order: list[int] = []
-
-    async def wait(number: int) -> None:
-        release = await client._take_share(tenant)
-        order.append(number)
-        release()
-
-    waiters = [asyncio.create_task(wait(number)) for number in range(3)]
-    await asyncio.sleep(0.01)
+    first, order, waiters = await _queued_behind_one(client, tenant, 3)
     assert order == []
     waiters[1].cancel()
     first()
@@ -139,16 +149,7 @@ async def test_a_slot_freed_while_the_first_waiter_is_being_cancelled_goes_to_th
     handed over, even before its own task has run to leave the queue."""
     tenant = ALPHA.tenant()
     client = UpstreamClient(UpstreamConfig(max_connections=2, pool_timeout_s=5))
-    first = await client._take_share(tenant)
-    order: list[int] = []
-
-    async def wait(number: int) -> None:
-        release = await client._take_share(tenant)
-        order.append(number)
-        release()
-
-    waiters = [asyncio.create_task(wait(number)) for number in range(2)]
-    await asyncio.sleep(0.01)
+    first, order, waiters = await _queued_behind_one(client, tenant, 2)
     waiters[0].cancel()
     first()  # in the same turn: the cancelled waiter has not left the queue yet
     await waiters[1]
