@@ -177,7 +177,7 @@ class ResponseCache:
         trusted = not no_cache and self.store.back_for_s() >= RESYNC_S
         if not held:
             try:
-                stored, generation = await self._lookup(target, no_cache=not trusted)
+                stored, generation = await self._lookup(target, trusted)
                 available = True
             except CacheUnavailableError:
                 pass
@@ -269,14 +269,12 @@ class ResponseCache:
         if written:
             logger.info("wrote %d cache invalidations held while the store was away", written)
 
-    async def _lookup(self, target: CacheTarget, no_cache: bool) -> tuple[Entry | None, int | None]:
-        """The stored entry if it is still valid, and the scope's current generation."""
-        copied = None if no_cache else self._local.get(target.scope, target.key, target.variant)
-        if copied is not None:
-            return copied
+    async def _lookup(self, target: CacheTarget, trusted: bool) -> tuple[Entry | None, int]:
+        """The stored entry if it is still valid, and the scope's current generation. Only what is
+        believed is copied into this process's memory: a copy is answered without asking again."""
         epoch = self._local.epoch(target.scope)
         entry, generation = await self._lookup_store(target)
-        if entry is not None:
+        if entry is not None and trusted:
             self._local.put(target.scope, target.key, target.variant, entry, generation, epoch)
         return entry, generation
 

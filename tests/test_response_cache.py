@@ -11,6 +11,7 @@ import pytest
 from proxy.cache import CachePolicy, TargetKind, target_for
 from proxy.caching import RESYNC_S, ResponseCache
 from proxy.config import CacheConfig
+from proxy.errors import UpstreamError, UpstreamUnavailableError
 from proxy.reply import Reply
 from proxy.store import CircuitBreaker, RedisStore
 from proxy.writes import Delete
@@ -105,4 +106,39 @@ async def test_a_store_just_back_from_an_outage_is_refilled_not_believed_until_r
     clock.advance(0.5)
     assert (await status()).startswith("files-proxy; hit")
     assert fetches == 2
+    await store.aclose()
+
+
+async def test_what_the_store_holds_just_after_an_outage_is_never_copied_into_memory() -> None:
+    """A read while the store is not yet believed (within `RESYNC_S` of its return) must leave no
+    in-process copy behind, even when the fetch that was to replace the entry fails: the next read
+    would answer that copy, which may be a file another replica deleted during the outage."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(threshold=1, cooldown_s=1, clock=clock)
+    store = RedisStore(fakeredis.FakeAsyncRedis(), breaker=breaker)
+    cache = ResponseCache(CachePolicy(CacheConfig()), store, collapse_timeout_s=1, local_ttl_s=2, clock=clock)
+    target = target_for(TargetKind.FILE, "scope", None, VERSION, [], "file_1", b"")
+    upstream: list[Reply | UpstreamError] = [
+        Reply(200, (), b'{"id":"file_1","type":"file"}'),
+        UpstreamUnavailableError("upstream hiccup"),
+        Reply(404, (), b'{"type":"error","error":{"type":"not_found_error","message":"gone"}}'),
+    ]
+
+    async def fetch() -> Reply:
+        answer = upstream.pop(0)
+        if isinstance(answer, UpstreamError):
+            raise answer
+        return answer
+
+    await cache.read(target, fetch, no_cache=False)  # stored (the file is deleted elsewhere later)
+    breaker.failed()  # the store goes away for longer than a copy in memory lives ...
+    clock.advance(3)
+    breaker.allows_call()  # ... and its probe answers: it is back, not yet believed
+    breaker.succeeded()
+    with pytest.raises(UpstreamUnavailableError):
+        await cache.read(target, fetch, no_cache=False)
+    answer = await cache.read(target, fetch, no_cache=False)
+
+    assert (answer.reply.status, answer.outcome.cache_status()) == (404, "files-proxy; fwd=uri-miss; stored")
+    assert upstream == []
     await store.aclose()
