@@ -53,9 +53,14 @@ def test_smoke_run_measures_single_flight_streaming_and_noisy_neighbours(tmp_pat
         assert 0 < row["numbers"]["p50_ms"] <= row["numbers"]["p99_ms"]
         assert row["numbers"]["peak_rss_mb"] > 0
         assert 0 <= row["numbers"]["steal_share"] < 1 and "hypervisor steal " in row["measured"]
+        # The control: the same victim load on an identical proxy, in the same window, not attacked.
+        assert 0 < row["numbers"]["control_p50_ms"] <= row["numbers"]["control_p99_ms"]
+        assert row["numbers"]["p99_ratio"] == row["numbers"]["p99_ms"] / row["numbers"]["control_p99_ms"]
+        assert "; control p50 " in row["measured"] and " x control" in row["measured"]
     for row, attack in zip(attacked, ATTACKS, strict=True):
         assert row["scenario"].startswith(f"noisy neighbour: {attack.label}")
-        assert "attack: " in row["measured"] and row["numbers"]["p99_ratio"] > 0
+        assert "attack: " in row["measured"] and row["numbers"]["p99_ratio_alone"] > 0
+        assert row["target"].startswith("victim p99 <= 3 x the control's (same window, no attack)")
     assert "SIGTERM" in attacked[-1]["measured"]
     table = (tmp_path / "latest.md").read_text()
     assert "| 100 concurrent GETs of one uncached file | proxy (redis) |" in table
