@@ -159,6 +159,11 @@ class Window:
     sigterm_s: float | None = None  # how long SIGTERM took to end the stalled-stdout proxy (None: it did not)
     stolen: float = 0.0  # the hypervisor's share of the machine's CPU time over the window
 
+    @property
+    def p99_ratio(self) -> float:
+        """The victim's p99 against the control's: the target's measure."""
+        return self.victim.p99_ms / self.control.p99_ms
+
 
 def noisy_neighbour(ctx: Context) -> list[Row]:
     """The victim alone, then under each attack: a row each."""
@@ -487,7 +492,7 @@ def _numbers(window: Window) -> dict[str, float]:
         "control_p50_ms": window.control.p50_ms,
         "control_p99_ms": window.control.p99_ms,
         "control_errors": window.control.error_count,
-        "p99_ratio": window.victim.p99_ms / window.control.p99_ms,
+        "p99_ratio": window.p99_ratio,
     }
 
 
@@ -496,24 +501,22 @@ def _baseline_row(alone: Window) -> Row:
         f"noisy neighbour: no attack (victim: cached metadata hits, {_VICTIM_CONNECTIONS} conns, "
         f"{_VICTIM_CONNECTIONS / _VICTIM_INTERVAL_S:,.0f} req/s)"
     )
-    ratio = alone.victim.p99_ms / alone.control.p99_ms
-    measured = f"{_victim_text(alone)}, victim p99 {ratio:.1f} x control; {_proxy_text(alone)}"
+    measured = f"{_victim_text(alone)}, victim p99 {alone.p99_ratio:.1f} x control; {_proxy_text(alone)}"
     return Row(scenario, "proxy (redis)", "baseline", measured, None, _numbers(alone))
 
 
 def _row(scenario: str, attack: Attack, window: Window, alone: Window) -> Row:
-    ratio = window.victim.p99_ms / window.control.p99_ms
     alone_ratio = window.victim.p99_ms / alone.victim.p99_ms
     target = (
         f"victim p99 <= {_P99_RATIO:g} x the control's (same window, no attack); 0 errors; "
         f"peak RSS < {_RSS_LIMIT // 2**20} MB"
     )
     measured = (
-        f"{_victim_text(window)}, victim p99 {ratio:.1f} x control ({alone_ratio:.1f} x the window "
-        f"without attack); {_proxy_text(window)}; attack: {window.attack}"
+        f"{_victim_text(window)}, victim p99 {window.p99_ratio:.1f} x control ({alone_ratio:.1f} x the "
+        f"window without attack); {_proxy_text(window)}; attack: {window.attack}"
     )
     met = (
-        ratio <= _P99_RATIO
+        window.p99_ratio <= _P99_RATIO
         and window.victim.error_count == 0
         and window.peak_rss < _RSS_LIMIT
         and window.exit_code is None
