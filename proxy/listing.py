@@ -13,10 +13,12 @@ the upstream cursor, and an SDK stops there. Cursors are the upstream's own, fro
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -29,24 +31,56 @@ _MAX_REMEMBERED_PAGES = 256
 _MAX_REMEMBERED_PAGE_BYTES = 64 * 1024
 # The ids among these that the tenant owns.
 OwnedAmong = Callable[[Sequence[str]], Awaitable[set[str]]]
+# A filtered answer's key: the tenant, the query, and the upstream page it was filtered from.
+_Key = tuple[str, bytes, bytes]
 
 
 class FilteredPages:
     """Answers filtered from one upstream page lately, per tenant, for `ttl_s`: a list hit is then
     one page read and no JSON work. Keyed by the page's bytes, so any change to the page (an upload
     or delete moves it) is a new key; owners do not change, and "unowned" is believed as long
-    (`Ownership.owners`). Bounded in entries and in the size of the pages it keeps."""
+    (`Ownership.owners`). Bounded in entries and in the size of the pages it keeps.
+
+    While one request filters a page, the others asking for that page for the same tenant wait for
+    its answer instead of filtering it (and asking the store for its owners) too: when an answer
+    lapses under load, every request in flight would otherwise filter the page at once. A waiter
+    waits no longer than the first request takes, which it would have taken itself."""
 
     def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl_s = ttl_s
         self._clock = clock
-        self._answers: OrderedDict[tuple[str, bytes, bytes], tuple[bytes, float]] = OrderedDict()
+        self._answers: OrderedDict[_Key, tuple[bytes, float]] = OrderedDict()
+        self._filtering: dict[_Key, asyncio.Future[bytes | None]] = {}
 
-    def get(self, key: tuple[str, bytes, bytes]) -> bytes | None:
+    async def get(self, key: _Key) -> bytes | None:
+        """The answer remembered, or being made by another request (then once made); None: make it."""
         found = self._answers.get(key)
-        return found[0] if found is not None and found[1] > self._clock() else None
+        if found is not None and found[1] > self._clock():
+            return found[0]
+        made = self._filtering.get(key)
+        # Shielded: a waiter that leaves must not cancel the answer the others wait for.
+        return None if made is None else await asyncio.shield(made)
 
-    def put(self, key: tuple[str, bytes, bytes], body: bytes) -> None:
+    @contextlib.contextmanager
+    def making(self, key: _Key) -> Iterator[Callable[[bytes], None]]:
+        """While this request filters the page: `get` makes others wait for it, and the callable
+        given hands them (and remembers) the answer. Leaving without one tells them to make their own."""
+        made: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._filtering.setdefault(key, made)
+
+        def put(body: bytes) -> None:
+            self._put(key, body)
+            made.set_result(body)
+
+        try:
+            yield put
+        finally:
+            if not made.done():
+                made.set_result(None)
+            if self._filtering.get(key) is made:
+                del self._filtering[key]
+
+    def _put(self, key: _Key, body: bytes) -> None:
         if self._ttl_s <= 0 or len(key[2]) > _MAX_REMEMBERED_PAGE_BYTES:
             return
         if len(self._answers) >= _MAX_REMEMBERED_PAGES:
@@ -63,16 +97,31 @@ async def own_page(
 ) -> Answer:
     """The list answer for `query` holding only the tenant's files (an error passes through).
     `remembered`: where answers filtered from a single page are kept, and the tenant's name."""
-    first = answer = await read_page(query)
-    key = None if remembered is None else (remembered[1], query, first.reply.body)
-    if remembered is not None and key is not None and first.reply.status == 200:
-        body = remembered[0].get(key)
-        if body is not None:
-            return replace(first, reply=replace(first.reply, body=body))
-    pages = 1
+    first = await read_page(query)
+    if remembered is None or first.reply.status != 200:
+        answer, _ = await _filtered(query, first, read_page, owned_among, max_pages)
+        return answer
+    pages, tenant = remembered
+    key = (tenant, query, first.reply.body)
+    body = await pages.get(key)
+    if body is None:
+        with pages.making(key) as put:
+            answer, one_page = await _filtered(query, first, read_page, owned_among, max_pages)
+            if one_page:
+                put(answer.reply.body)  # a walk depends on later pages too: never remembered
+            return answer
+    return replace(first, reply=replace(first.reply, body=body))
+
+
+async def _filtered(
+    query: bytes, first: Answer, read_page: ReadPage, owned_among: OwnedAmong, max_pages: int
+) -> tuple[Answer, bool]:
+    """`first` (the page `query` read) filtered to the tenant's files, walking on while a page holds
+    none of them; and whether the answer came from `first` alone (an error met on the way: as is)."""
+    answer, pages = first, 1
     while True:
         if answer.reply.status != 200:
-            return answer
+            return answer, False
         page = _page(answer.reply.body)
         data: list[dict[str, Any]] = page["data"]
         mine = await owned_among([item["id"] for item in data])
@@ -83,9 +132,7 @@ async def own_page(
         query, pages = following, pages + 1
         answer = await read_page(query)
     body = json.dumps({**page, "data": kept}, separators=(",", ":")).encode()
-    if remembered is not None and key is not None and pages == 1:
-        remembered[0].put(key, body)  # a walk depends on later pages too: never remembered
-    return replace(first, reply=replace(first.reply, body=body))
+    return replace(first, reply=replace(first.reply, body=body)), pages == 1
 
 
 def next_query(query: bytes, page: dict[str, Any]) -> bytes | None:

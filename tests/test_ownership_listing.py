@@ -14,7 +14,7 @@ from proxy.cache import CacheOutcome
 from proxy.caching import Answer
 from proxy.config import ConfigError, Tenant, load_settings
 from proxy.errors import UpstreamUnavailableError
-from proxy.listing import FilteredPages, next_query, own_page
+from proxy.listing import FilteredPages, OwnedAmong, next_query, own_page
 from proxy.ownership import expires_epoch, file_fields, sees_all, shared_keys
 from proxy.reply import Reply
 
@@ -197,3 +197,62 @@ def test_a_single_page_answer_is_remembered_for_its_ttl_and_a_walk_never() -> No
     ask(b"limit=2&page=p2")
     ask(b"limit=2&page=p2")
     assert len(lookups) == 4  # a walk of two pages, twice: never remembered
+
+
+def _concurrent_asks(count: int, owned_among: OwnedAmong, *, first_leaves: bool = False) -> list[object]:
+    """`count` requests for one page of red's at once, each reading the page itself; with
+    `first_leaves`, the first is cancelled while it filters. Their bodies, or what each raised."""
+    pages = _ga_pages(["a", "x1"], limit=2)
+    remembered = FilteredPages(1.0)
+
+    async def read_page(asked: bytes) -> Answer:
+        return pages[asked]
+
+    async def ask() -> object:
+        answer = await own_page(b"limit=2", read_page, owned_among, 10, (remembered, "red"))
+        return json.loads(answer.reply.body)
+
+    async def main() -> list[object]:
+        tasks = [asyncio.create_task(ask()) for _ in range(count)]
+        for _ in range(5):  # every request has read the page: the first filters, the others wait
+            await asyncio.sleep(0)
+        if first_leaves:
+            tasks[0].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def _owned_after_turns(lookups: list[Sequence[str]], *, failures: int = 0) -> OwnedAmong:
+    """red owns `a`; each lookup takes some turns of the loop; the first `failures` lookups fail."""
+
+    async def owned_among(ids: Sequence[str]) -> set[str]:
+        lookups.append(ids)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        if len(lookups) <= failures:
+            raise UpstreamUnavailableError("The store is away.")
+        return {"a"} & set(ids)
+
+    return owned_among
+
+
+_RED_PAGE = {"data": [{"id": "a"}], "next_page": None}
+
+
+def test_requests_for_a_page_being_filtered_wait_for_that_answer_instead_of_filtering_it_again() -> None:
+    lookups: list[Sequence[str]] = []
+    answers = _concurrent_asks(20, _owned_after_turns(lookups))
+    assert answers == [_RED_PAGE] * 20
+    assert len(lookups) == 1
+
+
+def test_when_the_filtering_request_fails_or_leaves_the_waiting_ones_filter_for_themselves() -> None:
+    lookups: list[Sequence[str]] = []
+    failed, *others = _concurrent_asks(5, _owned_after_turns(lookups, failures=1))
+    assert isinstance(failed, UpstreamUnavailableError)
+    assert others == [_RED_PAGE] * 4
+    assert len(lookups) == 5
+    left, *others = _concurrent_asks(5, _owned_after_turns(lookups), first_leaves=True)
+    assert isinstance(left, asyncio.CancelledError)
+    assert others == [_RED_PAGE] * 4
