@@ -100,7 +100,11 @@ def _options(args: argparse.Namespace) -> Options:
 
 
 def _notes(ctx: Context, stolen: dict[str, float]) -> list[str]:
-    started = [name for name in ("simulator", "proxy_redis", "proxy_memory", "bare") if name in ctx.__dict__]
+    started = [
+        name
+        for name in ("simulator", "proxy_redis", "proxy_memory", "bare", "server_alone")
+        if name in ctx.__dict__
+    ]
     runtimes = ", ".join(
         f"{name.replace('_', ' ')} {server_runtime(getattr(ctx, name).pid)}" for name in started
     )

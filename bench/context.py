@@ -66,10 +66,19 @@ class Context:
 
     @cached_property
     def bare(self) -> Service:
+        return self.services.bare(self._hit_bodies)
+
+    @cached_property
+    def server_alone(self) -> Service:
+        return self.services.bare(self._hit_bodies, framework=False)
+
+    @cached_property
+    def _hit_bodies(self) -> Path:
+        """The hit file's metadata and the first list page as the simulator answers them, in a file."""
         metadata, listing = upstream_bodies(self.simulator.url, self.keys.upstream_key, self.hit_file)
         bodies = self.workdir / "bodies.json"
         bodies.write_text(json.dumps({"metadata": metadata.decode(), "list": listing.decode()}))
-        return self.services.bare(bodies)
+        return bodies
 
     @cached_property
     def lean(self) -> Service:

@@ -190,11 +190,17 @@ class Services:
         )
         return Relay(service, control_port)
 
-    def bare(self, bodies_file: Path) -> Service:
+    def bare(self, bodies_file: Path, *, framework: bool = True) -> Service:
+        """`bench/bare.py`: these bodies from bare Starlette, or with no `framework`, from the server
+        alone."""
         port = free_port()
         command = [sys.executable, "-m", "bench.bare", "--port", str(port), "--bodies", str(bodies_file)]
         return self._spawn(
-            "bare", command, port, cwd=_BENCH_DIR.parent, ready=lambda url: _answers(f"{url}/healthz")
+            "bare" if framework else "server-alone",
+            command if framework else [*command, "--no-framework"],
+            port,
+            cwd=_BENCH_DIR.parent,
+            ready=lambda url: _answers(f"{url}/healthz"),
         )
 
     def lean(self, upstream_url: str, redis_url: str, keys: Keys) -> Service:
