@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -18,6 +19,7 @@ from bench.__main__ import main
 from bench.load import parse_wrk_output
 from bench.noisy import ATTACKS
 from bench.scenarios import _METRIC_LINE
+from bench.services import Services
 from bench.table import Row, markdown_table
 
 
@@ -114,3 +116,27 @@ def test_cache_counts_read_every_route_including_templates_with_braces() -> None
         ]
     )
     assert _METRIC_LINE.findall(exposition) == [("hit", "900.0"), ("miss", "100.0")]
+
+
+def test_the_server_alone_answers_the_bytes_bare_starlette_answers(tmp_path: Path) -> None:
+    """The hit rows' floor and ceiling serve the same answers, so their CPU differs by the framework."""
+    bodies = tmp_path / "bodies.json"
+    bodies.write_text(json.dumps({"metadata": '{"id":"file_a"}', "list": '{"data":[]}'}))
+    with Services(tmp_path) as services:
+        answers = [
+            [
+                (response.status_code, response.headers["content-type"], response.content)
+                for response in (
+                    httpx.get(f"{service.url}{path}") for path in ("/v1/files/file_a", "/v1/files")
+                )
+            ]
+            for service in (services.bare(bodies), services.bare(bodies, framework=False))
+        ]
+    assert (
+        answers[0]
+        == answers[1]
+        == [
+            (200, "application/json", b'{"id":"file_a"}'),
+            (200, "application/json", b'{"data":[]}'),
+        ]
+    )
