@@ -42,6 +42,7 @@ _TLS_MISS_CONNECTIONS = (1, 8)
 _MISS_CPU_RATIO = 1.1
 _MISS_CPU_TARGET = "server CPU per request <= 1.1 x the lean stand-in's (issue 13: 0.55 ms against 0.50)"
 _RSS_LIMIT = 64 * 1024 * 1024
+_TRANSFER_ROUNDS = 3
 # Label values may hold braces (route="/v1/files/{file_id}"), so the label set is matched greedily.
 _METRIC_LINE = re.compile(r'^files_proxy_requests_total\{.*\bcache="(\w+)".*\} ([0-9.e+]+)$', re.M)
 
@@ -210,36 +211,69 @@ def zipf_mix(ctx: Context) -> list[Row]:
     return [Row(scenario, "proxy (redis)", ">= 90% from cache; p50 < 2 ms", measured, met, numbers)]
 
 
+@dataclass(frozen=True)
+class _Round:
+    """One transfer straight to the upstream, then the same through the proxy, with the proxy's RSS
+    growth during the second."""
+
+    direct: Transfer
+    proxied: Transfer
+    rss_growth: int
+
+    @property
+    def ratio(self) -> float:
+        return self.proxied.mb_per_s / self.direct.mb_per_s
+
+
 def transfer(ctx: Context) -> list[Row]:
+    """Each transfer, direct then proxied, in `_TRANSFER_ROUNDS` rounds; the median round's ratio is
+    the figure (a 500 MB transfer takes a fraction of a second here, which one pause of the
+    hypervisor moves by a third either way)."""
     size = ctx.options.transfer_bytes
     file_id = ctx.add_files(1, size_bytes=size)[0]
     path = f"/v1/files/{file_id}/content"
     proxy, verify = ctx.proxy_redis, ctx.options.verify_transfers
     mb = f"{size / 1e6:,.0f} MB" if size >= 1e6 else f"{size / 1e3:,.0f} kB"
-    direct_down = download(ctx.simulator.url, path, ctx.upstream_headers(), verify=verify)
-    with RssSampler(proxy.pid) as down_rss:
-        proxy_down = download(proxy.url, path, ctx.proxy_headers(), verify=verify)
-    direct_up = upload(ctx.simulator.url, ctx.upstream_headers(), size)
-    with RssSampler(proxy.pid) as up_rss:
-        proxy_up = upload(proxy.url, ctx.proxy_headers(), size)
-    intact = direct_down.sha256 == proxy_down.sha256
+
+    def download_round() -> _Round:
+        direct = download(ctx.simulator.url, path, ctx.upstream_headers(), verify=verify)
+        with RssSampler(proxy.pid) as rss:
+            proxied = download(proxy.url, path, ctx.proxy_headers(), verify=verify)
+        return _Round(direct, proxied, rss.growth)
+
+    def upload_round() -> _Round:
+        direct = upload(ctx.simulator.url, ctx.upstream_headers(), size)
+        with RssSampler(proxy.pid) as rss:
+            proxied = upload(proxy.url, ctx.proxy_headers(), size)
+        return _Round(direct, proxied, rss.growth)
+
     rows = []
     # Issue 13's floors of the proxied rate, as a share of the direct one.
-    for kind, direct, proxied, rss, same, floor in (
-        ("download", direct_down, proxy_down, down_rss, intact, 0.6),
-        ("upload", direct_up, proxy_up, up_rss, True, 0.8),
-    ):
+    for kind, measure, floor in (("download", download_round, 0.6), ("upload", upload_round, 0.8)):
+        rounds = sorted((measure() for _ in range(_TRANSFER_ROUNDS)), key=lambda r: r.ratio)
+        median, growth = rounds[len(rounds) // 2], max(r.rss_growth for r in rounds)
         scenario = f"{mb} {kind}"
         rows.append(
-            Row(scenario, "simulator direct", "baseline", _transfer_text(direct, size), None, _mb(direct))
+            Row(
+                scenario,
+                "simulator direct",
+                "baseline",
+                _transfer_text(median.direct, size),
+                None,
+                _mb(median.direct),
+            )
         )
-        ratio = proxied.mb_per_s / direct.mb_per_s
-        complete = all(t.status == 200 and t.size == size for t in (direct, proxied)) and same
-        measured = f"{_transfer_text(proxied, size)}; {ratio:.2f} x direct; RSS +{rss.growth / 2**20:.1f} MB"
+        complete = all(t.status == 200 and t.size == size for r in rounds for t in (r.direct, r.proxied))
+        same = all(r.direct.sha256 == r.proxied.sha256 for r in rounds)  # None == None unless verified
+        all_ratios = ", ".join(f"{r.ratio:.2f}" for r in rounds)
+        measured = (
+            f"{_transfer_text(median.proxied, size)}; {median.ratio:.2f} x direct (median of {len(rounds)}"
+            f" rounds: {all_ratios}); RSS +{growth / 2**20:.1f} MB"
+        )
         if not same:
             measured += "; BYTES DIFFER"
-        met = complete and ratio >= floor and rss.growth < _RSS_LIMIT
-        numbers = {**_mb(proxied), "ratio": ratio, "rss_growth_mb": rss.growth / 2**20}
+        met = complete and same and median.ratio >= floor and growth < _RSS_LIMIT
+        numbers = {**_mb(median.proxied), "ratio": median.ratio, "rss_growth_mb": growth / 2**20}
         target = f">= {floor} x direct MB/s; RSS growth < 64 MB"
         rows.append(Row(scenario, "proxy (redis)", target, measured, met, numbers))
     return rows
