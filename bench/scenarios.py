@@ -227,8 +227,8 @@ class _Round:
 
 def transfer(ctx: Context) -> list[Row]:
     """Each transfer, direct then proxied, in `_TRANSFER_ROUNDS` rounds; the median round's ratio is
-    the figure (a 500 MB transfer takes a fraction of a second here, which one pause of the
-    hypervisor moves by a third either way)."""
+    the figure (a 500 MB transfer takes a fraction of a second here, and its speed moves by a third
+    either way from one to the next)."""
     size = ctx.options.transfer_bytes
     file_id = ctx.add_files(1, size_bytes=size)[0]
     path = f"/v1/files/{file_id}/content"
