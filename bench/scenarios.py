@@ -235,22 +235,22 @@ def transfer(ctx: Context) -> list[Row]:
     proxy, verify = ctx.proxy_redis, ctx.options.verify_transfers
     mb = f"{size / 1e6:,.0f} MB" if size >= 1e6 else f"{size / 1e3:,.0f} kB"
 
-    def download_round() -> _Round:
-        direct = download(ctx.simulator.url, path, ctx.upstream_headers(), verify=verify)
-        with RssSampler(proxy.pid) as rss:
-            proxied = download(proxy.url, path, ctx.proxy_headers(), verify=verify)
-        return _Round(direct, proxied, rss.growth)
+    def down(url: str, headers: dict[str, str]) -> Transfer:
+        return download(url, path, headers, verify=verify)
 
-    def upload_round() -> _Round:
-        direct = upload(ctx.simulator.url, ctx.upstream_headers(), size)
+    def up(url: str, headers: dict[str, str]) -> Transfer:
+        return upload(url, headers, size)
+
+    def round_of(send: Callable[[str, dict[str, str]], Transfer]) -> _Round:
+        direct = send(ctx.simulator.url, ctx.upstream_headers())
         with RssSampler(proxy.pid) as rss:
-            proxied = upload(proxy.url, ctx.proxy_headers(), size)
+            proxied = send(proxy.url, ctx.proxy_headers())
         return _Round(direct, proxied, rss.growth)
 
     rows = []
     # Issue 13's floors of the proxied rate, as a share of the direct one.
-    for kind, measure, floor in (("download", download_round, 0.6), ("upload", upload_round, 0.8)):
-        rounds = sorted((measure() for _ in range(_TRANSFER_ROUNDS)), key=lambda r: r.ratio)
+    for kind, send, floor in (("download", down, 0.6), ("upload", up, 0.8)):
+        rounds = sorted((round_of(send) for _ in range(_TRANSFER_ROUNDS)), key=lambda r: r.ratio)
         median, growth = rounds[len(rounds) // 2], max(r.rss_growth for r in rounds)
         scenario = f"{mb} {kind}"
         rows.append(

@@ -101,11 +101,11 @@ async def own_page(
     if remembered is None or first.reply.status != 200:
         answer, _ = await _filtered(query, first, read_page, owned_among, max_pages)
         return answer
-    pages, tenant = remembered
+    filtered_pages, tenant = remembered
     key = (tenant, query, first.reply.body)
-    body = await pages.get(key)
+    body = await filtered_pages.get(key)
     if body is None:
-        with pages.making(key) as put:
+        with filtered_pages.making(key) as put:
             answer, one_page = await _filtered(query, first, read_page, owned_among, max_pages)
             if one_page:
                 put(answer.reply.body)  # a walk depends on later pages too: never remembered
